@@ -1,0 +1,572 @@
+//! The readiness loop: one thread, one `mio::Poll`, one slab of connections.
+//!
+//! Two rules of mio's edge-triggered readiness shape everything here:
+//!
+//! - **Spurious events.** `poll` may report readiness that is not there, and
+//!   an event's flags are hints. Every handler therefore just tries the
+//!   syscall and treats `WouldBlock` as "nothing after all"; no event is
+//!   trusted to mean data, and none is needed to mean an error.
+//! - **Draining readiness.** An edge is reported once. After an event the
+//!   handler reads (or accepts, or writes) until `WouldBlock`, or until a
+//!   budget is spent, and then the loop itself remembers that work is left
+//!   (the ready list, the accept pause timer): no new event will come for
+//!   bytes already in the kernel.
+//!
+//! One turn of [`EventLoop::run`]: compute the timeout (zero with work on
+//! the ready list, else the next timer, else sleep), poll, dispatch each
+//! event by its token, serve the ready list, fire expired timers. The
+//! connection logic lives in `conn.rs`; this file is mechanism only, and the
+//! only one that touches `Poll` and `Registry`.
+//!
+//! Stale tokens: a connection's token carries its slab key *and* a
+//! generation ([`ConnId`]), and so do timer entries and the ready list. A
+//! slot freed and reused in the same turn can never be reached through the
+//! old owner's token (mio#172, mio#219).
+
+use crate::config::Config;
+use crate::conn::{CloseReason, Conn, Cx, Next, Ready, Tally, Want};
+use crate::listener::{self, Accepted};
+use crate::metrics::Counters;
+use crate::timer::Timer;
+use bytes::BytesMut;
+use log::{debug, error, info, warn};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!("echoloop packs a slab key and a generation into a 64-bit token");
+
+/// A connection's identity: its slab key and the generation of the owner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnId {
+    key: u32,
+    generation: u32,
+}
+
+impl ConnId {
+    /// Generations stay below 2^31 so a connection token stays below 2^63,
+    /// out of the range of the fixed tokens.
+    const GEN_MASK: u32 = 0x7fff_ffff;
+
+    fn token(self) -> Token {
+        Token(((self.generation as usize) << 32) | self.key as usize)
+    }
+}
+
+/// Fixed tokens sit at the top of the `usize` range.
+const WAKER: Token = Token(usize::MAX);
+const LISTENER_BASE: usize = usize::MAX - 1; // listener i is LISTENER_BASE - i
+
+/// What a token names, decoded in one place.
+enum Source {
+    Waker,
+    Listener(usize),
+    Conn(ConnId),
+}
+
+fn source(token: Token) -> Source {
+    match token {
+        WAKER => Source::Waker,
+        Token(t) if t > (1 << 63) => Source::Listener(LISTENER_BASE - t),
+        Token(t) => Source::Conn(ConnId {
+            key: t as u32,
+            generation: (t >> 32) as u32,
+        }),
+    }
+}
+
+/// The accept queue is retried after this long when descriptors run out,
+/// doubling while the episode lasts (memcached 10 ms … Netty 1 s).
+const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+
+/// Events taken from the kernel per `poll`.
+const EVENTS_CAPACITY: usize = 1024;
+
+/// Asks a running loop to shut down gracefully, from any thread.
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    waker: Arc<Waker>,
+    requested: Arc<AtomicBool>,
+}
+
+impl ShutdownHandle {
+    /// Starts the graceful shutdown of the loop (idempotent).
+    pub fn shutdown(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        if let Err(e) = self.waker.wake() {
+            error!("cannot wake an event loop for shutdown: {e}");
+        }
+    }
+}
+
+/// A connection in the slab with the loop's bookkeeping for it.
+struct Slot {
+    /// The socket; dropping the slot closes it.
+    socket: TcpStream,
+    /// The protocol state machine.
+    conn: Conn,
+    /// Distinguishes this owner of the slab key from earlier ones.
+    generation: u32,
+    /// The interest currently registered with the poll.
+    registered: Want,
+    /// The tick of this connection's live timer entry, if one is armed;
+    /// entries with another tick are stale and ignored when they fire.
+    timer_tick: Option<u64>,
+    /// On the ready list already.
+    queued: bool,
+}
+
+/// One single-threaded event loop. Build it with [`EventLoop::new`], take a
+/// [`ShutdownHandle`], then [`EventLoop::run`] it on its own thread.
+pub struct EventLoop {
+    /// The poller; only this file touches it.
+    poll: Poll,
+    /// Listening sockets (token `LISTENER_BASE - index`); emptied at shutdown.
+    listeners: Vec<TcpListener>,
+    /// Live connections, keyed by the low half of their token.
+    conns: Slab<Slot>,
+    /// Idle and linger deadlines.
+    timer: Timer<ConnId>,
+    /// Connections whose read budget ran out with input left: served next
+    /// turn, since no edge will come for bytes already in the kernel.
+    ready: Vec<ConnId>,
+    /// The read buffer every connection reads into.
+    input: Box<[u8]>,
+    /// An output buffer lent to the connection being served.
+    spare: BytesMut,
+    /// Traffic counted since the last turn, added to `counters` once a turn.
+    tally: Tally,
+    /// Limits and mode.
+    cfg: Arc<Config>,
+    /// The generation given to the next connection.
+    next_generation: u32,
+    /// Set while accepting is paused for lack of descriptors: when to retry.
+    accept_paused_until: Option<Instant>,
+    /// The next pause, doubled while descriptors stay exhausted.
+    accept_backoff: Duration,
+    /// Set by a [`ShutdownHandle`]; read after the waker fires.
+    shutdown_requested: Arc<AtomicBool>,
+    /// Once shutting down: when to drop whatever has not finished.
+    shutdown_deadline: Option<Instant>,
+    /// This loop's metrics (written only here).
+    counters: Arc<Counters>,
+    /// Live connections in the whole process (for `--max-connections`).
+    live: Arc<AtomicUsize>,
+    /// Wakes the loop from another thread.
+    waker: Arc<Waker>,
+}
+
+impl EventLoop {
+    /// A loop serving `listeners`, counting into `counters`, sharing the
+    /// process-wide live connection count `live`.
+    pub fn new(
+        cfg: Arc<Config>,
+        listeners: Vec<std::net::TcpListener>,
+        counters: Arc<Counters>,
+        live: Arc<AtomicUsize>,
+    ) -> io::Result<EventLoop> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let mut mio_listeners = Vec::with_capacity(listeners.len());
+        for (i, l) in listeners.into_iter().enumerate() {
+            let mut l = TcpListener::from_std(l);
+            poll.registry()
+                .register(&mut l, Token(LISTENER_BASE - i), Interest::READABLE)?;
+            mio_listeners.push(l);
+        }
+        Ok(EventLoop {
+            poll,
+            listeners: mio_listeners,
+            conns: Slab::new(),
+            timer: Timer::new(cfg.timer_tick(), Instant::now()),
+            ready: Vec::new(),
+            input: vec![0; cfg.read_budget.max(1)].into_boxed_slice(),
+            spare: BytesMut::new(),
+            tally: Tally::default(),
+            next_generation: 0,
+            accept_paused_until: None,
+            accept_backoff: ACCEPT_PAUSE_MIN,
+            shutdown_requested: Arc::new(AtomicBool::new(false)),
+            shutdown_deadline: None,
+            counters,
+            live,
+            waker,
+            cfg,
+        })
+    }
+
+    /// A handle that asks this loop to shut down.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            waker: self.waker.clone(),
+            requested: self.shutdown_requested.clone(),
+        }
+    }
+
+    /// Runs until a requested shutdown has finished (or timed out).
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        loop {
+            let now = Instant::now();
+            if let Some(deadline) = self.shutdown_deadline {
+                if self.conns.is_empty() || now >= deadline {
+                    self.abandon_remaining();
+                    return Ok(());
+                }
+            }
+            let timeout = self.poll_timeout(now);
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if interrupted(&e) {
+                    continue;
+                }
+                return Err(e);
+            }
+            let now = Instant::now();
+            for event in events.iter() {
+                match source(event.token()) {
+                    Source::Waker => {
+                        if self.shutdown_requested.load(Ordering::SeqCst) {
+                            self.begin_shutdown(now);
+                        }
+                    }
+                    Source::Listener(i) => self.accept(i, now),
+                    Source::Conn(id) => {
+                        let ready = Ready {
+                            readable: event.is_readable()
+                                || event.is_read_closed()
+                                || event.is_error(),
+                            read_closed: event.is_read_closed(),
+                        };
+                        self.drive(id, ready, now);
+                    }
+                }
+            }
+            self.serve_ready(now);
+            self.expire_timers(now);
+            self.resume_accepting(now);
+            self.publish_tally();
+        }
+    }
+
+    /// Zero while the ready list has work; else until the next timer, the
+    /// accept retry or the shutdown deadline; `None` (sleep) when nothing
+    /// is scheduled at all.
+    fn poll_timeout(&self, now: Instant) -> Option<Duration> {
+        if !self.ready.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        [
+            self.timer.next_wakeup(),
+            self.accept_paused_until,
+            self.shutdown_deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|at| at.saturating_duration_since(now))
+    }
+
+    // ----- connections --------------------------------------------------
+
+    /// Lets connection `id` do its I/O, then settles the verdict.
+    fn drive(&mut self, id: ConnId, mut ready: Ready, now: Instant) {
+        let Some(slot) = slot_mut(&mut self.conns, id) else {
+            return; // stale: the connection is gone
+        };
+        if slot.queued {
+            // Its read is coming from the ready list this very turn.
+            ready.readable = false;
+        }
+        let mut cx = Cx {
+            cfg: &self.cfg,
+            now,
+            input: &mut self.input,
+            spare: &mut self.spare,
+            tally: &mut self.tally,
+        };
+        let next = slot.conn.handle_io(&mut slot.socket, ready, &mut cx);
+        self.settle(id, next);
+    }
+
+    /// After any `handle_*`: close, or bring the poll registration, the ready
+    /// list and the timer in line with what the connection now wants.
+    fn settle(&mut self, id: ConnId, next: Next) {
+        if let Next::Close(reason) = next {
+            self.close(id, reason);
+            return;
+        }
+        let Some(slot) = slot_mut(&mut self.conns, id) else {
+            return;
+        };
+        if slot.conn.wants_read() && !slot.queued {
+            slot.queued = true;
+            self.ready.push(id);
+        }
+        let want = slot.conn.interest();
+        if want != slot.registered {
+            if let Err(e) =
+                self.poll
+                    .registry()
+                    .reregister(&mut slot.socket, id.token(), interest(want))
+            {
+                warn!("{}: reregister failed: {e}", slot.conn.peer());
+                self.close(id, CloseReason::Error);
+                return;
+            }
+            slot.registered = want;
+        }
+        if let Some(deadline) = slot.conn.deadline(&self.cfg) {
+            // Only an earlier deadline needs a new entry: a later one is
+            // picked up when the armed entry fires (Netty's idle pattern),
+            // so a line never touches the wheel.
+            let due = self.timer.due_tick(deadline);
+            if slot.timer_tick.is_none_or(|armed| armed > due) {
+                slot.timer_tick = Some(self.timer.schedule(id, deadline));
+            }
+        }
+    }
+
+    /// Releases the socket, the slab slot and (by generation) the timer.
+    fn close(&mut self, id: ConnId, reason: CloseReason) {
+        if slot_mut(&mut self.conns, id).is_none() {
+            return;
+        }
+        let mut slot = self.conns.remove(id.key as usize);
+        let _ = self.poll.registry().deregister(&mut slot.socket);
+        debug!("{}: closed ({})", slot.conn.peer(), reason.as_str());
+        self.counters.closed(reason);
+        self.live.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Serves the connections whose budget ran out last turn.
+    fn serve_ready(&mut self, now: Instant) {
+        let mut ids = std::mem::take(&mut self.ready);
+        for &id in &ids {
+            if let Some(slot) = slot_mut(&mut self.conns, id) {
+                slot.queued = false;
+                let ready = Ready {
+                    readable: true,
+                    read_closed: false,
+                };
+                self.drive(id, ready, now);
+            }
+        }
+        ids.clear();
+        if self.ready.is_empty() {
+            self.ready = ids; // keep the allocation
+        }
+    }
+
+    /// Fires due timer entries; stale ones (gone or re-armed) are ignored.
+    fn expire_timers(&mut self, now: Instant) {
+        for entry in self.timer.expired(now) {
+            let id = entry.key;
+            let Some(slot) = slot_mut(&mut self.conns, id) else {
+                continue;
+            };
+            if slot.timer_tick != Some(entry.tick) {
+                continue;
+            }
+            slot.timer_tick = None;
+            let next = slot.conn.handle_timeout(now, &self.cfg);
+            if next == Next::Close(CloseReason::Idle) {
+                debug!("{}: idle timeout", slot.conn.peer());
+            }
+            self.settle(id, next);
+        }
+    }
+
+    fn publish_tally(&mut self) {
+        let t = std::mem::take(&mut self.tally);
+        if t != Tally::default() {
+            self.counters.add_lines(t.lines);
+            self.counters.add_received(t.received);
+            self.counters.add_sent(t.sent);
+        }
+    }
+
+    // ----- accepting -------------------------------------------------------
+
+    /// Accepts until the queue is empty, unless paused for descriptors.
+    fn accept(&mut self, i: usize, now: Instant) {
+        if self.accept_paused_until.is_some() {
+            return; // the pause timer retries every listener
+        }
+        while let Some(listener) = self.listeners.get(i) {
+            match listener::accept(listener) {
+                Accepted::Conn(stream, peer) => {
+                    if self.accept_backoff > ACCEPT_PAUSE_MIN {
+                        info!("descriptors available again: accepting");
+                        self.accept_backoff = ACCEPT_PAUSE_MIN;
+                    }
+                    self.admit(stream, peer, now);
+                }
+                Accepted::WouldBlock => return,
+                Accepted::Transient(e) => debug!("accept: {e} (skipped)"),
+                Accepted::Exhausted(e) => {
+                    if self.accept_backoff == ACCEPT_PAUSE_MIN {
+                        warn!(
+                            "accept: {e}; pausing accepts until descriptors free up \
+                             (open: {}, limit: raise `ulimit -n` or lower --max-connections)",
+                            self.conns.len()
+                        );
+                    }
+                    self.accept_paused_until = Some(now + self.accept_backoff);
+                    self.accept_backoff = (self.accept_backoff * 2).min(ACCEPT_PAUSE_MAX);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Retries accepting on every listener once the pause is over.
+    fn resume_accepting(&mut self, now: Instant) {
+        if self.accept_paused_until.is_some_and(|until| until <= now) {
+            self.accept_paused_until = None;
+            for i in 0..self.listeners.len() {
+                self.accept(i, now);
+            }
+        }
+    }
+
+    /// Takes a new connection into the slab, or turns it away when full.
+    fn admit(&mut self, mut stream: TcpStream, peer: std::net::SocketAddr, now: Instant) {
+        self.counters.accepted();
+        let live = self.live.fetch_add(1, Ordering::Relaxed);
+        let entry = self.conns.vacant_entry();
+        let key = u32::try_from(entry.key()).ok();
+        let (true, Some(key)) = (live < self.cfg.max_connections, key) else {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+            turn_away(stream, peer);
+            self.counters.closed(CloseReason::Busy);
+            return;
+        };
+        let id = ConnId {
+            key,
+            generation: self.next_generation,
+        };
+        self.next_generation = self.next_generation.wrapping_add(1) & ConnId::GEN_MASK;
+        let _ = stream.set_nodelay(true);
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut stream, id.token(), Interest::READABLE)
+        {
+            warn!("{peer}: register failed: {e}");
+            self.live.fetch_sub(1, Ordering::Relaxed);
+            self.counters.closed(CloseReason::Error);
+            return;
+        }
+        debug!("{peer}: accepted");
+        entry.insert(Slot {
+            socket: stream,
+            conn: Conn::new(peer, now),
+            generation: id.generation,
+            registered: Want::Read,
+            timer_tick: None,
+            queued: false,
+        });
+        self.settle(id, Next::Keep);
+    }
+
+    // ----- shutdown ------------------------------------------------------------
+
+    /// SIGINT/SIGTERM: close the listeners at once (with SO_REUSEPORT, what
+    /// is still queued on this loop's listener is reset by the kernel), then
+    /// let every connection answer what it has and finish.
+    fn begin_shutdown(&mut self, now: Instant) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        for mut l in self.listeners.drain(..) {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        self.accept_paused_until = None;
+        self.shutdown_deadline = Some(now + self.cfg.shutdown_timeout);
+        info!(
+            "shutting down: {} connection(s) to finish within {:?}",
+            self.conns.len(),
+            self.cfg.shutdown_timeout
+        );
+        let ids: Vec<ConnId> = self
+            .conns
+            .iter()
+            .map(|(key, slot)| ConnId {
+                key: key as u32,
+                generation: slot.generation,
+            })
+            .collect();
+        for id in ids {
+            let Some(slot) = slot_mut(&mut self.conns, id) else {
+                continue;
+            };
+            let mut cx = Cx {
+                cfg: &self.cfg,
+                now,
+                input: &mut self.input,
+                spare: &mut self.spare,
+                tally: &mut self.tally,
+            };
+            let next = slot.conn.handle_shutdown(&mut slot.socket, &mut cx);
+            self.settle(id, next);
+        }
+    }
+
+    /// The shutdown deadline passed: drop whoever did not finish.
+    fn abandon_remaining(&mut self) {
+        if !self.conns.is_empty() {
+            warn!(
+                "shutdown timeout: dropping {} connection(s) that did not finish",
+                self.conns.len()
+            );
+        }
+        for mut slot in self.conns.drain() {
+            let _ = self.poll.registry().deregister(&mut slot.socket);
+            self.counters.closed(CloseReason::Shutdown);
+            self.live.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.publish_tally();
+    }
+}
+
+/// The slot of `id`, if that connection still lives (generation checked).
+fn slot_mut(conns: &mut Slab<Slot>, id: ConnId) -> Option<&mut Slot> {
+    conns
+        .get_mut(id.key as usize)
+        .filter(|s| s.generation == id.generation)
+}
+
+fn interest(want: Want) -> Interest {
+    match want {
+        Want::Read => Interest::READABLE,
+        Want::Write => Interest::WRITABLE,
+        Want::ReadWrite => Interest::READABLE | Interest::WRITABLE,
+    }
+}
+
+fn interrupted(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::Interrupted
+}
+
+/// Over `--max-connections`: one best-effort `error: server busy`, a FIN,
+/// whatever input is already there read away (so the close sends no RST
+/// over the reply), then close. Busy connections never enter the slab.
+fn turn_away(mut stream: TcpStream, peer: std::net::SocketAddr) {
+    debug!("{peer}: server busy");
+    let _ = stream.write(b"error: server busy\n");
+    let _ = stream.shutdown(Shutdown::Write);
+    let mut sink = [0u8; 1024];
+    for _ in 0..4 {
+        match stream.read(&mut sink) {
+            Ok(n) if n > 0 => continue,
+            _ => break,
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! Raw socket calls: binding listeners and classifying what `accept` says.
+//!
+//! Binding goes through socket2 so the options a daemon needs are explicit:
+//! `SO_REUSEADDR` (restart while old connections sit in TIME_WAIT),
+//! `SO_REUSEPORT` when several loops share one address (the kernel spreads
+//! new connections over their listeners), `IPV6_V6ONLY` so `[::]:1234` and
+//! `0.0.0.0:1234` can both be listed, non-blocking and close-on-exec.
+//!
+//! [`accept`] turns `io::Result` into an [`Accepted`] right at the call, so
+//! the loop decides what to do from a name, not from an errno three frames
+//! up: descriptor exhaustion pauses accepting, a transient failure of one
+//! handshake is skipped, and nothing here ever stops the server.
+
+use mio::net::{TcpListener, TcpStream};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::io;
+use std::net::SocketAddr;
+
+/// The kernel's accept queue length we ask for (capped by `somaxconn`).
+pub const BACKLOG: i32 = 4096;
+
+/// Binds a non-blocking listener on `addr`; `reuse_port` lets the other
+/// loops of this process bind the same address.
+pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// What one `accept` call gave.
+#[derive(Debug)]
+pub enum Accepted {
+    /// A new connection.
+    Conn(TcpStream, SocketAddr),
+    /// The accept queue is empty.
+    WouldBlock,
+    /// Out of descriptors or kernel memory (`EMFILE`, `ENFILE`, `ENOBUFS`,
+    /// `ENOMEM`): retrying at once would spin, so pause accepting.
+    Exhausted(io::Error),
+    /// One handshake failed (`ECONNABORTED`, `EPROTO`, `EPERM`, network
+    /// down…): skip it and accept the next.
+    Transient(io::Error),
+}
+
+/// Accepts one connection and names the outcome.
+pub fn accept(listener: &TcpListener) -> Accepted {
+    loop {
+        return match listener.accept() {
+            Ok((stream, peer)) => Accepted::Conn(stream, peer),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Accepted::WouldBlock,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if is_exhaustion(&e) => Accepted::Exhausted(e),
+            Err(e) => Accepted::Transient(e),
+        };
+    }
+}
+
+fn is_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns the
+/// effective soft limit (SPEC §3: logged at start).
+pub fn raise_fd_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        }
+    }
+    Ok(lim.rlim_cur as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reuse_port_lets_two_listeners_share_an_address() {
+        let first = bind("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        let addr = first.local_addr().unwrap();
+        let second = bind(addr, true).unwrap();
+        assert_eq!(second.local_addr().unwrap(), addr);
+    }
+
+    #[test]
+    fn a_taken_address_is_an_error() {
+        let first = bind("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let err = bind(first.local_addr().unwrap(), false).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+    }
+
+    #[test]
+    fn exhaustion_is_told_apart_from_transient_errors() {
+        assert!(is_exhaustion(&io::Error::from_raw_os_error(libc::EMFILE)));
+        assert!(is_exhaustion(&io::Error::from_raw_os_error(libc::ENFILE)));
+        assert!(!is_exhaustion(&io::Error::from_raw_os_error(
+            libc::ECONNABORTED
+        )));
+    }
+}
