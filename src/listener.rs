@@ -95,7 +95,7 @@ pub fn raise_fd_limit() -> io::Result<u64> {
             lim = raised;
         }
     }
-    Ok(lim.rlim_cur as u64)
+    Ok(lim.rlim_cur)
 }
 
 #[cfg(test)]

@@ -1,0 +1,220 @@
+//! Shared test support: start the real `echoloop` binary on port 0, read its
+//! `Echoing on ADDR` line, talk to it over real sockets, inspect it in /proc.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long any single read in a test may block before the test fails.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running server; killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub addrs: Vec<SocketAddr>,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+impl Server {
+    /// Starts `echoloop --listen 127.0.0.1:0 <args>`.
+    pub fn start(args: &[&str]) -> Server {
+        let mut full = vec!["--listen", "127.0.0.1:0"];
+        full.extend_from_slice(args);
+        Server::start_raw(&full, 1)
+    }
+
+    /// Starts `echoloop <args>` and waits for `listeners` startup lines.
+    pub fn start_raw(args: &[&str], listeners: usize) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_echoloop"))
+            .args(args)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start echoloop");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let err_pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(err_pipe).lines() {
+                let Ok(line) = line else { break };
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut addrs = Vec::new();
+        for _ in 0..listeners {
+            let mut line = String::new();
+            out.read_line(&mut line).expect("read startup line");
+            let addr = line
+                .trim()
+                .strip_prefix("Echoing on ")
+                .unwrap_or_else(|| panic!("unexpected startup line {line:?}"));
+            addrs.push(addr.parse().unwrap());
+        }
+        Server {
+            child,
+            addrs,
+            stderr,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A connected client with read/write timeouts.
+    pub fn connect(&self) -> TcpStream {
+        connect(self.addr())
+    }
+
+    /// Open descriptors of the server process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
+
+    /// Resident memory of the server, in bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .unwrap()
+            .trim()
+            .trim_end_matches(" kB")
+            .trim()
+            .parse()
+            .unwrap();
+        kb * 1024
+    }
+
+    /// CPU time (user + system) of the server so far.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = after_comm.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
+    }
+
+    /// Waits until `pred` holds for the server, or panics after `within`.
+    pub fn wait_until(&self, within: Duration, what: &str, mut pred: impl FnMut(&Server) -> bool) {
+        let start = Instant::now();
+        while !pred(self) {
+            assert!(start.elapsed() < within, "timed out waiting for {what}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends a signal to the server.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on the PID of our own child.
+        unsafe {
+            libc::kill(self.pid() as i32, sig);
+        }
+    }
+
+    /// Waits for the server to exit and returns its status code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(start.elapsed() < within, "server did not exit");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    s
+}
+
+/// Reads exactly `n` bytes.
+pub fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut buf = vec![0; n];
+    s.read_exact(&mut buf).expect("read reply");
+    buf
+}
+
+/// Reads until EOF and returns everything.
+pub fn read_to_eof(s: &mut TcpStream) -> Vec<u8> {
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).expect("read to EOF");
+    buf
+}
+
+/// Sends `line` and returns exactly `expected.len()` bytes of reply.
+pub fn exchange(s: &mut TcpStream, line: &[u8], expected: &[u8]) {
+    s.write_all(line).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&read_n(s, expected.len())),
+        String::from_utf8_lossy(expected)
+    );
+}
+
+/// Blocks until the peer closes: `read` returns 0 (or a reset).
+/// Returns the time it took.
+pub fn wait_closed(s: &mut TcpStream) -> Duration {
+    let start = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return start.elapsed(),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return start.elapsed(),
+            Err(e) => panic!("waiting for close: {e}"),
+        }
+    }
+}
+
+/// The reply prefix mode gives for `content`.
+pub fn said(content: &[u8]) -> Vec<u8> {
+    let mut v = b"you said: ".to_vec();
+    v.extend_from_slice(content);
+    v.extend_from_slice(b"!\n");
+    v
+}
+
+/// Raises this test process's soft open-file limit to the hard limit.
+pub fn raise_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+    lim.rlim_cur
+}
