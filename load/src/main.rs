@@ -1,1 +1,406 @@
-fn main() {}
+//! `echoloop-load`: entry point. Parses the command line, checks what the
+//! machine allows, runs the chosen mode on worker threads, samples the
+//! server's /proc at the phase boundaries, and prints the report. Exit
+//! status: 0 without errors, 1 with any error counted, 2 for bad arguments.
+
+mod check;
+mod churn;
+mod cli;
+mod conn;
+mod line;
+mod net;
+mod progress;
+mod report;
+mod sys;
+mod tally;
+mod traffic;
+mod worker;
+
+use clap::Parser;
+use cli::{Cli, Mode};
+use line::LineFormat;
+use progress::Bar;
+use report::{Connects, Errors, Latency, Report, Server};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tally::{ErrorKind, Tally};
+use traffic::Schedule;
+use worker::{Progress, Settings, Window};
+
+/// Descriptors kept for everything but client sockets (stdio, polls, ...).
+const FD_RESERVE: u64 = 64;
+/// How often the main thread refreshes the progress line while it waits.
+const TICK: Duration = Duration::from_millis(200);
+/// In idle mode the workers close their connections this long after the
+/// end of the hold, so the closes don't count as server wake-ups.
+const HOLD_MARGIN: Duration = Duration::from_millis(200);
+
+fn main() {
+    let cli = Cli::parse();
+    cli.validate();
+    std::process::exit(run(&cli));
+}
+
+/// What the main thread measured around the workers.
+#[derive(Debug, Default)]
+struct Measured {
+    /// Time to open all connections (connect mode: the whole run).
+    connect_secs: f64,
+    window_secs: f64,
+    server: Option<Server>,
+}
+
+fn run(cli: &Cli) -> i32 {
+    let nofile = match sys::raise_nofile_limit() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("warning: cannot read the open file limit: {e}");
+            u64::MAX
+        }
+    };
+    let sockets = if cli.mode == Mode::Connect {
+        cli.concurrency
+    } else {
+        cli.conns
+    } as u64;
+    let needed = sockets + FD_RESERVE + 4 * cli.threads as u64;
+    if needed > nofile {
+        let what = if cli.mode == Mode::Connect {
+            "--concurrency"
+        } else {
+            "--conns"
+        };
+        Cli::fail(format!(
+            "{what} {sockets} needs about {needed} open files, but this process may open only {nofile} \
+             (RLIMIT_NOFILE, soft raised to hard): lower {what} or run several load processes"
+        ));
+    }
+    let sources = net::plan_sources(cli.target, cli.conns, cli.sources, cli.spread)
+        .unwrap_or_else(|e| Cli::fail(e));
+    if let Some(pid) = cli.server_pid
+        && !sys::process_exists(pid)
+    {
+        Cli::fail(format!(
+            "--server-pid {pid}: no such process (/proc/{pid}/stat unreadable)"
+        ));
+    }
+    let settings = Settings {
+        target: cli.target,
+        sources: sources.clone(),
+        format: LineFormat {
+            line_len: cli.line_len,
+            crlf: cli.crlf,
+            proto: cli.proto,
+        },
+        depth: if cli.mode == Mode::Pipeline {
+            cli.depth
+        } else {
+            1
+        },
+        concurrency: cli.concurrency.div_ceil(cli.threads),
+        connect_timeout: cli.connect_timeout,
+        grace: cli.grace,
+        t0: Instant::now(),
+    };
+    let progress = Arc::new(Progress::default());
+    let bar = Bar::new(cli.quiet);
+    let (tally, measured) = match cli.mode {
+        Mode::Connect => drive_connect(cli, &settings, &progress, &bar),
+        _ => drive_traffic(cli, &settings, &progress, &bar),
+    };
+    bar.finish();
+
+    let report = build_report(cli, sources.len(), &tally, measured);
+    for line in report::error_lines(&tally) {
+        eprintln!("{line}");
+    }
+    if tally.samples.len() < tally.total_errors() as usize {
+        eprintln!(
+            "({} errors in all; only the first ones are shown)",
+            tally.total_errors()
+        );
+    }
+    if cli.json {
+        match serde_json::to_string(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("error: encoding the report: {e}");
+                return 1;
+            }
+        }
+    } else {
+        print!("{}", report.table());
+    }
+    if report.ok { 0 } else { 1 }
+}
+
+/// The connection ids of thread `t` of `threads`: t, t + threads, ...
+fn ids_of(t: usize, threads: usize, conns: usize) -> Vec<u32> {
+    (t..conns).step_by(threads).map(|i| i as u32).collect()
+}
+
+/// Sleeps until `deadline`, refreshing the progress line.
+fn wait_until(deadline: Instant, bar: &Bar, progress: &Progress, label: &str) {
+    let mut last = (Instant::now(), progress.replies.load(Ordering::Relaxed));
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return;
+        }
+        std::thread::sleep(TICK.min(deadline - now));
+        let replies = progress.replies.load(Ordering::Relaxed);
+        let dt = last.0.elapsed().as_secs_f64().max(1e-3);
+        bar.set(format!(
+            "{label}: {} connected, {:.0} replies/s",
+            progress.connected.load(Ordering::Relaxed),
+            (replies - last.1) as f64 / dt
+        ));
+        last = (Instant::now(), replies);
+    }
+}
+
+/// Joins worker threads and merges their tallies (a panicked thread counts
+/// as an `io` error).
+fn join_all(handles: Vec<JoinHandle<Tally>>, t0: Instant) -> Tally {
+    let mut total = Tally::default();
+    for h in handles {
+        match h.join() {
+            Ok(t) => total.merge(&t),
+            Err(_) => total.error(ErrorKind::Io, 1, t0.elapsed(), || {
+                "a worker thread panicked".into()
+            }),
+        }
+    }
+    total
+}
+
+/// pingpong, pipeline and idle: open everything, then traffic or hold.
+fn drive_traffic(
+    cli: &Cli,
+    settings: &Settings,
+    progress: &Arc<Progress>,
+    bar: &Bar,
+) -> (Tally, Measured) {
+    let pid = cli.server_pid;
+    let mut server = pid.map(|pid| Server {
+        pid,
+        rss_before_bytes: sys::rss_bytes(pid).ok(),
+        ..Server::default()
+    });
+    let (opened_tx, opened_rx) = mpsc::channel();
+    let mut schedule_txs = Vec::new();
+    let mut handles = Vec::new();
+    for t in 0..cli.threads {
+        let (tx, rx) = mpsc::channel();
+        schedule_txs.push(tx);
+        let (settings, progress, opened) = (settings.clone(), progress.clone(), opened_tx.clone());
+        let ids = ids_of(t, cli.threads, cli.conns);
+        let idle = cli.mode == Mode::Idle;
+        handles.push(std::thread::spawn(move || {
+            traffic::run(settings, ids, idle, progress, opened, t, rx)
+        }));
+    }
+    drop(opened_tx);
+
+    // Open phase: wait until every thread has opened its connections.
+    let open_start = Instant::now();
+    let per_thread = cli.conns.div_ceil(cli.threads);
+    let cap = open_start
+        + traffic::open_phase_cap(
+            per_thread,
+            settings.concurrency,
+            settings.connect_timeout,
+            settings.grace,
+        )
+        + Duration::from_secs(10);
+    let mut opened = 0;
+    while opened < cli.threads && Instant::now() < cap {
+        match opened_rx.recv_timeout(TICK) {
+            Ok(_) => opened += 1,
+            Err(mpsc::RecvTimeoutError::Timeout) => bar.set(format!(
+                "connecting: {}/{}",
+                progress.connected.load(Ordering::Relaxed),
+                cli.conns
+            )),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let connect_secs = open_start.elapsed().as_secs_f64();
+    if opened < cli.threads {
+        for tx in &schedule_txs {
+            let _ = tx.send(Schedule::Abort);
+        }
+        let mut tally = join_all(handles, settings.t0);
+        tally.error(ErrorKind::Io, 1, settings.t0.elapsed(), || {
+            "the open phase did not finish in time".into()
+        });
+        return (tally, Measured::default());
+    }
+    if let (Some(srv), Some(pid)) = (server.as_mut(), pid) {
+        srv.rss_after_open_bytes = sys::rss_bytes(pid).ok();
+    }
+
+    let start = Instant::now();
+    let mut window_secs = 0.0;
+    if cli.mode == Mode::Idle {
+        let ctx0 = pid.and_then(|p| sys::context_switches(p).ok());
+        let hold_end = start + cli.hold;
+        for tx in &schedule_txs {
+            let _ = tx.send(Schedule::Hold {
+                until: hold_end + HOLD_MARGIN,
+            });
+        }
+        wait_until(hold_end, bar, progress, "holding idle");
+        let ctx1 = pid.and_then(|p| sys::context_switches(p).ok());
+        if let (Some(srv), Some(a), Some(b)) = (server.as_mut(), ctx0, ctx1)
+            && !cli.hold.is_zero()
+        {
+            srv.wakeups_per_sec = Some(b.saturating_sub(a) as f64 / cli.hold.as_secs_f64());
+        }
+    } else {
+        let window = Window {
+            from: start + cli.warmup,
+            to: start + cli.warmup + cli.secs,
+        };
+        for tx in &schedule_txs {
+            let _ = tx.send(Schedule::Traffic {
+                window,
+                stop_sending: window.to,
+                deadline: window.to + cli.grace,
+            });
+        }
+        wait_until(window.from, bar, progress, "warming up");
+        let cpu0 = pid.and_then(|p| sys::cpu_seconds(p).ok());
+        wait_until(window.to, bar, progress, "measuring");
+        let cpu1 = pid.and_then(|p| sys::cpu_seconds(p).ok());
+        window_secs = (window.to - window.from).as_secs_f64();
+        if let (Some(srv), Some(a), Some(b)) = (server.as_mut(), cpu0, cpu1) {
+            srv.cpu_secs = Some(b - a);
+        }
+        bar.set("waiting for the last replies".into());
+    }
+    let tally = join_all(handles, settings.t0);
+    if let Some(srv) = server.as_mut() {
+        if let Some(cpu) = srv.cpu_secs
+            && tally.window_replies > 0
+        {
+            srv.cpu_us_per_reply = Some(cpu * 1e6 / tally.window_replies as f64);
+        }
+        if let (Some(a), Some(b)) = (srv.rss_before_bytes, srv.rss_after_open_bytes)
+            && tally.connects_ok > 0
+        {
+            srv.rss_growth_per_conn_bytes = Some((b as f64 - a as f64) / tally.connects_ok as f64);
+        }
+    }
+    (
+        tally,
+        Measured {
+            connect_secs,
+            window_secs,
+            server,
+        },
+    )
+}
+
+/// connect: churn through --conns connections, --concurrency at a time.
+fn drive_connect(
+    cli: &Cli,
+    settings: &Settings,
+    progress: &Arc<Progress>,
+    bar: &Bar,
+) -> (Tally, Measured) {
+    let pid = cli.server_pid;
+    let cpu0 = pid.and_then(|p| sys::cpu_seconds(p).ok());
+    let start = Instant::now();
+    let deadline = start + cli.secs;
+    let handles: Vec<JoinHandle<Tally>> = (0..cli.threads)
+        .map(|t| {
+            let (settings, progress) = (settings.clone(), progress.clone());
+            let ids = ids_of(t, cli.threads, cli.conns);
+            std::thread::spawn(move || churn::run(settings, ids, progress, deadline))
+        })
+        .collect();
+    // The workers stop by their deadline; allow a margin for the last turn.
+    let hard = deadline + Duration::from_secs(2);
+    while !handles.iter().all(|h| h.is_finished()) && Instant::now() < hard {
+        std::thread::sleep(TICK / 4);
+        let done = progress.connected.load(Ordering::Relaxed);
+        bar.set(format!(
+            "connect: {done}/{} connected, {:.0}/s",
+            cli.conns,
+            done as f64 / start.elapsed().as_secs_f64().max(1e-3)
+        ));
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu1 = pid.and_then(|p| sys::cpu_seconds(p).ok());
+    let tally = join_all(handles, settings.t0);
+    let server = pid.map(|pid| {
+        let cpu = cpu0.zip(cpu1).map(|(a, b)| b - a);
+        Server {
+            pid,
+            cpu_secs: cpu,
+            cpu_us_per_conn: cpu
+                .filter(|_| tally.completed > 0)
+                .map(|c| c * 1e6 / tally.completed as f64),
+            ..Server::default()
+        }
+    });
+    (
+        tally,
+        Measured {
+            connect_secs: elapsed,
+            window_secs: elapsed,
+            server,
+        },
+    )
+}
+
+fn build_report(cli: &Cli, sources: usize, tally: &Tally, m: Measured) -> Report {
+    let per_sec = |n: u64, secs: f64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
+    let replies = if cli.mode == Mode::Connect {
+        tally.replies
+    } else {
+        tally.window_replies
+    };
+    let errors = Errors::of(tally);
+    Report {
+        mode: cli.mode,
+        proto: cli.proto,
+        target: cli.target.to_string(),
+        conns: cli.conns,
+        depth: if cli.mode == Mode::Pipeline {
+            cli.depth
+        } else {
+            1
+        },
+        line_len: cli.line_len,
+        threads: cli.threads,
+        sources,
+        warmup_secs: if cli.mode == Mode::Connect {
+            0.0
+        } else {
+            cli.warmup.as_secs_f64()
+        },
+        window_secs: m.window_secs,
+        hold_secs: (cli.mode == Mode::Idle).then_some(cli.hold.as_secs_f64()),
+        replies,
+        replies_total: tally.replies,
+        replies_per_sec: per_sec(replies, m.window_secs),
+        latency_us: Latency::of(&tally.latency),
+        connects: Connects {
+            attempted: tally.connects_attempted,
+            established: tally.connects_ok,
+            completed: tally.completed,
+            per_sec: per_sec(tally.connects_ok, m.connect_secs),
+            latency_us: Latency::of(&tally.connect_latency),
+        },
+        server: m.server,
+        ok: errors.total == 0,
+        errors,
+        stopped_by_time_limit: cli.mode == Mode::Connect
+            && tally.connects_attempted < cli.conns as u64,
+    }
+}

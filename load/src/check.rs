@@ -1,0 +1,311 @@
+//! Checks the reply stream of one connection byte for byte against the
+//! replies the server owes, in order, whatever segments the bytes came in.
+//!
+//! Replies are framed at `\n` (a correct reply ends at its first `\n`, see
+//! `line::LineFormat`). Each complete received line is judged:
+//! - the reply of the oldest outstanding line: correct;
+//! - the reply of a later outstanding line: correct, and the older lines it
+//!   overtook are set aside as *skipped*; a skipped line whose reply shows up
+//!   later is `reordered`, one whose reply never comes is `missing`;
+//! - the reply of a line answered recently: `duplicated`;
+//! - anything else: `altered` (it takes the place of the oldest outstanding
+//!   line) or, when nothing is outstanding, `extra`.
+
+use crate::line::LineFormat;
+use std::collections::VecDeque;
+use std::time::Instant;
+
+/// A line that was sent and awaits its reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InFlight {
+    pub seq: u64,
+    /// When the line was handed to the socket.
+    pub sent: Instant,
+}
+
+/// The judgement on one received reply line.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The correct reply of an outstanding line.
+    Answered(InFlight),
+    /// The correct reply of a line that a later reply had overtaken.
+    Reordered(InFlight),
+    /// A second copy of the reply of line `seq`.
+    Duplicated { seq: u64 },
+    /// Wrong bytes where the reply of line `seq` was due.
+    Altered {
+        seq: u64,
+        expected: Vec<u8>,
+        got: Vec<u8>,
+    },
+    /// A reply while no line was outstanding.
+    Extra { got: Vec<u8> },
+}
+
+/// How many answered sequence numbers are remembered to spot duplicates.
+const RECENT: usize = 8;
+
+/// The reply checker of one connection.
+///
+/// Invariants: `inflight` is in send order (ascending seq); every sent line
+/// is in exactly one of `inflight`, `skipped`, or has been judged; `partial`
+/// holds the bytes of the reply line being received (no `\n`) and never
+/// grows past `format.max_reply_len()`.
+#[derive(Debug)]
+pub struct Checker {
+    conn: u32,
+    format: LineFormat,
+    inflight: VecDeque<InFlight>,
+    skipped: Vec<InFlight>,
+    recent: VecDeque<u64>,
+    partial: Vec<u8>,
+    /// An oversized line was reported; drop bytes up to the next `\n`.
+    discarding: bool,
+    /// Reused buffer for expected replies.
+    scratch: Vec<u8>,
+}
+
+impl Checker {
+    pub fn new(conn: u32, format: LineFormat) -> Self {
+        Checker {
+            conn,
+            format,
+            inflight: VecDeque::new(),
+            skipped: Vec::new(),
+            recent: VecDeque::with_capacity(RECENT),
+            partial: Vec::new(),
+            discarding: false,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Notes that line `seq` was sent at `sent`. Sequence numbers must rise.
+    pub fn sent(&mut self, seq: u64, sent: Instant) {
+        debug_assert!(self.inflight.back().is_none_or(|l| l.seq < seq));
+        self.inflight.push_back(InFlight { seq, sent });
+    }
+
+    /// Lines sent whose reply has not arrived (outstanding or skipped).
+    pub fn outstanding(&self) -> usize {
+        self.inflight.len() + self.skipped.len()
+    }
+
+    /// Sequence numbers of the lines still without a reply, oldest first.
+    pub fn outstanding_seqs(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.skipped.iter().map(|l| l.seq).collect();
+        v.extend(self.inflight.iter().map(|l| l.seq));
+        v.sort_unstable();
+        v
+    }
+
+    /// Bytes of an unfinished reply line received so far.
+    pub fn partial(&self) -> &[u8] {
+        &self.partial
+    }
+
+    /// Feeds received bytes; calls `on` once per complete reply line.
+    pub fn feed(&mut self, data: &[u8], mut on: impl FnMut(Verdict)) {
+        let max = self.format.max_reply_len();
+        let mut rest = data;
+        while !rest.is_empty() {
+            match rest.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    let (line, tail) = rest.split_at(i + 1);
+                    rest = tail;
+                    if self.discarding {
+                        self.discarding = false;
+                    } else if self.partial.is_empty() {
+                        on(self.judge(line));
+                    } else {
+                        let mut whole = std::mem::take(&mut self.partial);
+                        whole.extend_from_slice(line);
+                        on(self.judge(&whole));
+                        whole.clear();
+                        self.partial = whole;
+                    }
+                }
+                None => {
+                    if !self.discarding {
+                        self.partial.extend_from_slice(rest);
+                        if self.partial.len() > max {
+                            // Too long to be any reply: judge what we have and
+                            // skip the rest of this line.
+                            let got = std::mem::take(&mut self.partial);
+                            on(self.judge(&got));
+                            self.discarding = true;
+                        }
+                    }
+                    rest = &[];
+                }
+            }
+        }
+    }
+
+    /// Is `got` the reply owed for line `seq`?
+    fn is_reply(&mut self, seq: u64, got: &[u8]) -> bool {
+        self.scratch.clear();
+        self.format.push_reply(&mut self.scratch, self.conn, seq);
+        self.scratch == got
+    }
+
+    fn remember(&mut self, seq: u64) {
+        if self.recent.len() == RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(seq);
+    }
+
+    /// Judges one received line (normally ending in `\n`).
+    fn judge(&mut self, got: &[u8]) -> Verdict {
+        // The common case first: the reply of the oldest outstanding line.
+        if let Some(head) = self.inflight.front().copied()
+            && self.is_reply(head.seq, got)
+        {
+            self.inflight.pop_front();
+            self.remember(head.seq);
+            return Verdict::Answered(head);
+        }
+        for k in 1..self.inflight.len() {
+            let cand = self.inflight[k];
+            if self.is_reply(cand.seq, got) {
+                self.skipped.extend(self.inflight.drain(..k));
+                self.inflight.pop_front();
+                self.remember(cand.seq);
+                return Verdict::Answered(cand);
+            }
+        }
+        for j in 0..self.skipped.len() {
+            let cand = self.skipped[j];
+            if self.is_reply(cand.seq, got) {
+                self.skipped.remove(j);
+                self.remember(cand.seq);
+                return Verdict::Reordered(cand);
+            }
+        }
+        for j in 0..self.recent.len() {
+            let seq = self.recent[j];
+            if self.is_reply(seq, got) {
+                return Verdict::Duplicated { seq };
+            }
+        }
+        let due = match self.inflight.pop_front() {
+            Some(l) => Some(l),
+            None if !self.skipped.is_empty() => Some(self.skipped.remove(0)),
+            None => None,
+        };
+        match due {
+            Some(l) => {
+                self.scratch.clear();
+                self.format.push_reply(&mut self.scratch, self.conn, l.seq);
+                self.remember(l.seq);
+                Verdict::Altered {
+                    seq: l.seq,
+                    expected: self.scratch.clone(),
+                    got: got.to_vec(),
+                }
+            }
+            None => Verdict::Extra { got: got.to_vec() },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::line::Proto;
+
+    const FMT: LineFormat = LineFormat {
+        line_len: 16,
+        crlf: false,
+        proto: Proto::Prefix,
+    };
+
+    fn reply(seq: u64) -> Vec<u8> {
+        let mut v = Vec::new();
+        FMT.push_reply(&mut v, 3, seq);
+        v
+    }
+
+    fn run(sent: &[u64], stream: &[u8], chunk: usize) -> (Vec<Verdict>, Checker) {
+        let t = Instant::now();
+        let mut c = Checker::new(3, FMT);
+        for &s in sent {
+            c.sent(s, t);
+        }
+        let mut out = Vec::new();
+        for piece in stream.chunks(chunk) {
+            c.feed(piece, |v| out.push(v));
+        }
+        (out, c)
+    }
+
+    fn names(v: &[Verdict]) -> Vec<&'static str> {
+        v.iter()
+            .map(|v| match v {
+                Verdict::Answered(_) => "ok",
+                Verdict::Reordered(_) => "reordered",
+                Verdict::Duplicated { .. } => "duplicated",
+                Verdict::Altered { .. } => "altered",
+                Verdict::Extra { .. } => "extra",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn in_order_replies_in_one_byte_segments() {
+        let stream = [reply(0), reply(1), reply(2)].concat();
+        let (v, c) = run(&[0, 1, 2], &stream, 1);
+        assert_eq!(names(&v), ["ok", "ok", "ok"]);
+        assert_eq!(c.outstanding(), 0);
+    }
+
+    #[test]
+    fn swapped_replies_are_reordered() {
+        let stream = [reply(1), reply(0)].concat();
+        let (v, c) = run(&[0, 1], &stream, 5);
+        assert_eq!(names(&v), ["ok", "reordered"]);
+        assert_eq!(c.outstanding(), 0);
+    }
+
+    #[test]
+    fn dropped_reply_stays_outstanding() {
+        let stream = [reply(0), reply(2)].concat();
+        let (v, c) = run(&[0, 1, 2], &stream, 64);
+        assert_eq!(names(&v), ["ok", "ok"]);
+        assert_eq!(c.outstanding_seqs(), [1]);
+    }
+
+    #[test]
+    fn duplicate_and_extra() {
+        let stream = [reply(0), reply(0), b"hello\n".to_vec()].concat();
+        let (v, _) = run(&[0], &stream, 7);
+        assert_eq!(names(&v), ["ok", "duplicated", "extra"]);
+    }
+
+    #[test]
+    fn altered_byte_takes_the_due_line() {
+        let mut bad = reply(0);
+        bad[12] ^= 1;
+        let stream = [bad, reply(1)].concat();
+        let (v, c) = run(&[0, 1], &stream, 3);
+        assert_eq!(names(&v), ["altered", "ok"]);
+        assert_eq!(c.outstanding(), 0);
+    }
+
+    #[test]
+    fn oversized_line_is_cut() {
+        let stream = [vec![b'y'; 500], b"\n".to_vec(), reply(1)].concat();
+        let (v, c) = run(&[0, 1], &stream, 10);
+        assert_eq!(names(&v), ["altered", "ok"]);
+        assert!(c.partial().is_empty());
+    }
+
+    #[test]
+    fn partial_reply_is_kept() {
+        let r = reply(0);
+        let (v, c) = run(&[0], &r[..5], 1);
+        assert!(v.is_empty());
+        assert_eq!(c.partial(), &r[..5]);
+        assert_eq!(c.outstanding(), 1);
+    }
+}

@@ -1,0 +1,206 @@
+//! The command line: every option with its default, parsed by clap, and the
+//! checks between options that clap cannot express (exit status 2).
+
+use crate::line::Proto;
+use clap::{CommandFactory, Parser, ValueEnum};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// What the connections do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// One line in flight per connection.
+    Pingpong,
+    /// --depth lines in flight per connection; a new one for each reply.
+    Pipeline,
+    /// Open --conns connections in all, --concurrency at a time, one
+    /// exchange each, then close: measures connections per second.
+    Connect,
+    /// Open --conns connections, one exchange each, hold them idle for
+    /// --hold seconds, close.
+    Idle,
+}
+
+/// c10k load generator for line-echo servers: drives up to tens of
+/// thousands of connections from a mio readiness loop, checks every reply
+/// byte for byte, and reports replies/s, latency, connect rate and the
+/// server's CPU and memory. Exit status: 0 no error, 1 any error counted,
+/// 2 bad arguments.
+#[derive(Debug, Parser)]
+#[command(name = "echoloop-load", version)]
+pub struct Cli {
+    /// Server address (only 127.0.0.0/8 targets can spread source addresses).
+    #[arg(long, default_value = "127.0.0.1:1234")]
+    pub target: SocketAddr,
+
+    /// What the connections do.
+    #[arg(long, value_enum, default_value_t = Mode::Pingpong)]
+    pub mode: Mode,
+
+    /// Connections (in `connect` mode: connections in all).
+    #[arg(long, default_value_t = 100)]
+    pub conns: usize,
+
+    /// Lines in flight per connection in `pipeline` mode.
+    #[arg(long, default_value_t = 16)]
+    pub depth: usize,
+
+    /// Connections being opened at once (in `connect` mode: connections
+    /// in progress at once, exchange included).
+    #[arg(long, default_value_t = 100)]
+    pub concurrency: usize,
+
+    /// Seconds to hold the connections idle in `idle` mode.
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    pub hold: Duration,
+
+    /// The reply the server must give: `prefix` (`you said: L!`) or `raw` (echo).
+    #[arg(long, value_enum, default_value_t = Proto::Prefix)]
+    pub proto: Proto,
+
+    /// Bytes per line sent, terminator included (longer only when the
+    /// connection id and sequence number don't fit).
+    #[arg(long, default_value_t = 16)]
+    pub line_len: usize,
+
+    /// End lines with `\r\n` instead of `\n`.
+    #[arg(long)]
+    pub crlf: bool,
+
+    /// Seconds of the measured window (in `connect` mode: the time limit).
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    pub secs: Duration,
+
+    /// Seconds of traffic before the measured window.
+    #[arg(long, default_value = "1", value_parser = parse_secs)]
+    pub warmup: Duration,
+
+    /// Seconds that replies still outstanding at the end may take before
+    /// they count as missing.
+    #[arg(long, default_value = "2", value_parser = parse_secs)]
+    pub grace: Duration,
+
+    /// Seconds one connect may take.
+    #[arg(long, default_value = "5", value_parser = parse_secs)]
+    pub connect_timeout: Duration,
+
+    /// Threads, each with its own poll and a share of the connections.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+
+    /// Source addresses 127.0.0.1..=127.0.0.K to spread connections over
+    /// [default: ceil(conns / 20000), on a 127.0.0.0/8 target].
+    #[arg(long)]
+    pub sources: Option<usize>,
+
+    /// Always bind explicit source addresses (at least two unless --sources).
+    #[arg(long)]
+    pub spread: bool,
+
+    /// The server's process id: report its CPU per reply, memory per
+    /// connection and (idle mode) wake-ups per second.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+
+    /// Print one JSON object to stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// No progress line on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Longest duration accepted for any seconds option: one day.
+const MAX_SECS: f64 = 86_400.0;
+
+/// Parses seconds, fractions allowed (`0.5`).
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !v.is_finite() || !(0.0..=MAX_SECS).contains(&v) {
+        return Err(format!("seconds must be between 0 and {MAX_SECS}, got {s}"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// Largest line accepted: the server's default --max-line.
+pub const MAX_LINE_LEN: usize = 65_536;
+
+impl Cli {
+    /// Checks the combinations clap can't; on failure prints the message
+    /// with usage and exits with status 2.
+    pub fn validate(&self) {
+        if let Err(msg) = self.check() {
+            Cli::command()
+                .error(clap::error::ErrorKind::ValueValidation, msg)
+                .exit();
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.conns == 0 {
+            return Err("--conns must be at least 1".into());
+        }
+        if self.conns > u32::MAX as usize {
+            return Err("--conns is too large".into());
+        }
+        if self.depth == 0 {
+            return Err("--depth must be at least 1".into());
+        }
+        if self.concurrency == 0 {
+            return Err("--concurrency must be at least 1".into());
+        }
+        if self.threads == 0 || self.threads > 256 {
+            return Err("--threads must be 1..=256".into());
+        }
+        let min_len = if self.crlf { 2 } else { 1 };
+        if self.line_len < min_len || self.line_len > MAX_LINE_LEN {
+            return Err(format!("--line-len must be {min_len}..={MAX_LINE_LEN}"));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err("--connect-timeout must be above 0".into());
+        }
+        if self.mode != Mode::Connect && self.secs.is_zero() {
+            return Err("--secs must be above 0".into());
+        }
+        Ok(())
+    }
+
+    /// Reports an argument that is valid alone but impossible here (open
+    /// file limit, source addresses), exit status 2.
+    pub fn fail(msg: String) -> ! {
+        Cli::command()
+            .error(clap::error::ErrorKind::ValueValidation, msg)
+            .exit()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secs_accept_fractions() {
+        assert_eq!(parse_secs("0.5"), Ok(Duration::from_millis(500)));
+        assert!(parse_secs("-1").is_err());
+        assert!(parse_secs("nan").is_err());
+        assert!(parse_secs("x").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let cli = Cli::parse_from(["echoloop-load"]);
+        assert!(cli.check().is_ok());
+        let cli = Cli::parse_from(["echoloop-load", "--depth", "0"]);
+        assert!(cli.check().is_err());
+    }
+}

@@ -1,0 +1,125 @@
+//! One client connection: its socket, the lines it still has to write, and
+//! the checker of its replies. Reads and writes follow the edge-triggered
+//! rule: until `WouldBlock` (or a bounded budget), retrying `Interrupted`.
+
+use crate::check::{Checker, Verdict};
+use crate::line::LineFormat;
+use mio::net::TcpStream;
+use std::io::{self, Read, Write};
+use std::time::Instant;
+
+/// How many `Interrupted` results in a row a read or write loop tolerates.
+const MAX_INTERRUPTS: u32 = 16;
+
+/// Why a read loop stopped.
+#[derive(Debug)]
+pub enum ReadEnd {
+    /// Everything available was read.
+    Drained,
+    /// The budget ran out with input possibly still waiting: read again
+    /// without waiting for a new event.
+    Budget,
+    /// The peer closed its write side.
+    Eof,
+    /// A socket error.
+    Failed(io::Error),
+}
+
+/// A client connection. Invariant: `out[out_pos..]` are bytes queued and
+/// not yet written; every line queued was announced to `checker`.
+#[derive(Debug)]
+pub struct Conn {
+    /// The connection id carried in every line it sends.
+    pub id: u32,
+    pub stream: TcpStream,
+    /// When `connect()` was called; `Some` while the connection is in progress.
+    pub connecting_since: Option<Instant>,
+    pub checker: Checker,
+    /// Sequence number of the next line.
+    next_seq: u64,
+    out: Vec<u8>,
+    out_pos: usize,
+}
+
+impl Conn {
+    /// A connection whose `connect()` was just started.
+    pub fn new(id: u32, stream: TcpStream, format: LineFormat, now: Instant) -> Self {
+        Conn {
+            id,
+            stream,
+            connecting_since: Some(now),
+            checker: Checker::new(id, format),
+            next_seq: 0,
+            out: Vec::new(),
+            out_pos: 0,
+        }
+    }
+
+    /// Queues the next line (not written yet: call `flush`).
+    pub fn queue_line(&mut self, format: &LineFormat, now: Instant) {
+        if self.out_pos == self.out.len() {
+            self.out.clear();
+            self.out_pos = 0;
+        }
+        format.push_line(&mut self.out, self.id, self.next_seq);
+        self.checker.sent(self.next_seq, now);
+        self.next_seq += 1;
+    }
+
+    /// Lines sent so far.
+    pub fn lines_sent(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Are queued bytes waiting to be written?
+    pub fn has_output(&self) -> bool {
+        self.out_pos < self.out.len()
+    }
+
+    /// Writes queued bytes until all are written (`Ok(true)`) or the socket
+    /// is full (`Ok(false)`: wait for a writable event).
+    pub fn flush(&mut self) -> io::Result<bool> {
+        let mut interrupts = 0;
+        while self.out_pos < self.out.len() {
+            match self.stream.write(&self.out[self.out_pos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.out_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted && interrupts < MAX_INTERRUPTS => {
+                    interrupts += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.out.clear();
+        self.out_pos = 0;
+        Ok(true)
+    }
+
+    /// Reads at most `budget` times into `buf`, feeding every byte to the
+    /// checker, which calls `on` once per complete reply line.
+    pub fn read_some(
+        &mut self,
+        buf: &mut [u8],
+        budget: usize,
+        mut on: impl FnMut(Verdict),
+    ) -> ReadEnd {
+        let mut interrupts = 0;
+        let mut reads = 0;
+        while reads < budget {
+            match self.stream.read(buf) {
+                Ok(0) => return ReadEnd::Eof,
+                Ok(n) => {
+                    reads += 1;
+                    self.checker.feed(&buf[..n], &mut on);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadEnd::Drained,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted && interrupts < MAX_INTERRUPTS => {
+                    interrupts += 1;
+                }
+                Err(e) => return ReadEnd::Failed(e),
+            }
+        }
+        ReadEnd::Budget
+    }
+}

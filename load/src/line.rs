@@ -1,0 +1,148 @@
+//! The bytes on the wire: the request line sent for (connection, sequence)
+//! and the exact reply the server owes for it, in prefix and raw mode.
+//!
+//! Both are pure functions of their arguments, so a reply never needs to be
+//! stored: the checker rebuilds the expected bytes when the reply arrives.
+
+use std::io::Write;
+
+/// Which reply the server must give for a line (SPEC section 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    /// `you said: <content>!\n`, content = line without `\n` and one `\r`.
+    Prefix,
+    /// The line echoed back exactly as sent, terminator included.
+    Raw,
+}
+
+/// The reply prefix of prefix mode.
+const PREFIX: &[u8] = b"you said: ";
+/// The reply suffix of prefix mode.
+const SUFFIX: &[u8] = b"!\n";
+
+/// How the lines sent by one run look. Invariant: a line's content never
+/// contains `\r` or `\n`, so every reply ends at its first `\n`.
+#[derive(Clone, Copy, Debug)]
+pub struct LineFormat {
+    /// Wanted total length of a line in bytes, terminator included. A line
+    /// is longer only when its connection id and sequence number don't fit.
+    pub line_len: usize,
+    /// End lines with `\r\n` instead of `\n`.
+    pub crlf: bool,
+    /// The reply the server must give.
+    pub proto: Proto,
+}
+
+impl LineFormat {
+    /// Length of the terminator: 1 for `\n`, 2 for `\r\n`.
+    fn terminator_len(&self) -> usize {
+        if self.crlf { 2 } else { 1 }
+    }
+
+    /// Appends the content of line (`conn`, `seq`): `c<conn> s<seq> ` padded
+    /// with `x` up to `line_len` minus the terminator.
+    fn push_content(&self, out: &mut Vec<u8>, conn: u32, seq: u64) {
+        let start = out.len();
+        // Writing into a Vec cannot fail.
+        let _ = write!(out, "c{conn} s{seq} ");
+        let want = self.line_len.saturating_sub(self.terminator_len());
+        let have = out.len() - start;
+        if have < want {
+            out.resize(start + want, b'x');
+        }
+    }
+
+    /// Appends the request line for (`conn`, `seq`), terminator included.
+    pub fn push_line(&self, out: &mut Vec<u8>, conn: u32, seq: u64) {
+        self.push_content(out, conn, seq);
+        out.extend_from_slice(if self.crlf { b"\r\n" } else { b"\n" });
+    }
+
+    /// Appends the exact reply the server owes for line (`conn`, `seq`).
+    pub fn push_reply(&self, out: &mut Vec<u8>, conn: u32, seq: u64) {
+        match self.proto {
+            Proto::Raw => self.push_line(out, conn, seq),
+            Proto::Prefix => {
+                out.extend_from_slice(PREFIX);
+                self.push_content(out, conn, seq);
+                out.extend_from_slice(SUFFIX);
+            }
+        }
+    }
+
+    /// An upper bound on the length of any reply of this run: a received
+    /// line longer than this can't be a correct reply.
+    pub fn max_reply_len(&self) -> usize {
+        // "c4294967295 s18446744073709551615 " is 34 bytes.
+        let content = self.line_len.max(34 + self.terminator_len());
+        content + PREFIX.len() + SUFFIX.len()
+    }
+}
+
+/// Renders bytes for an error message: printable ASCII as is, the rest
+/// escaped (`\n`, `\x00`), cut after `max` bytes.
+pub fn show(bytes: &[u8], max: usize) -> String {
+    let mut s = String::new();
+    for &b in bytes.iter().take(max) {
+        s.extend(std::ascii::escape_default(b).map(char::from));
+    }
+    if bytes.len() > max {
+        s.push_str("...");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fmt(line_len: usize, crlf: bool, proto: Proto) -> LineFormat {
+        LineFormat {
+            line_len,
+            crlf,
+            proto,
+        }
+    }
+
+    #[test]
+    fn line_is_padded_to_line_len() {
+        let mut v = Vec::new();
+        fmt(16, false, Proto::Prefix).push_line(&mut v, 7, 3);
+        assert_eq!(v, b"c7 s3 xxxxxxxxx\n");
+        assert_eq!(v.len(), 16);
+    }
+
+    #[test]
+    fn line_grows_when_ids_do_not_fit() {
+        let mut v = Vec::new();
+        fmt(4, false, Proto::Raw).push_line(&mut v, 12345, 678);
+        assert_eq!(v, b"c12345 s678 \n");
+    }
+
+    #[test]
+    fn prefix_reply_chomps_crlf() {
+        let f = fmt(10, true, Proto::Prefix);
+        let (mut line, mut reply) = (Vec::new(), Vec::new());
+        f.push_line(&mut line, 1, 2);
+        f.push_reply(&mut reply, 1, 2);
+        assert_eq!(line, b"c1 s2 xx\r\n");
+        assert_eq!(reply, b"you said: c1 s2 xx!\n");
+        assert!(reply.len() <= f.max_reply_len());
+    }
+
+    #[test]
+    fn raw_reply_is_the_line() {
+        let f = fmt(12, true, Proto::Raw);
+        let (mut line, mut reply) = (Vec::new(), Vec::new());
+        f.push_line(&mut line, 9, 9);
+        f.push_reply(&mut reply, 9, 9);
+        assert_eq!(line, reply);
+    }
+
+    #[test]
+    fn show_escapes() {
+        assert_eq!(show(b"a\n\x00", 10), "a\\n\\x00");
+        assert_eq!(show(b"abcdef", 3), "abc...");
+    }
+}

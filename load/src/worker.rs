@@ -1,0 +1,466 @@
+//! The machinery of one load thread: its own mio `Poll`, its connections
+//! in slots indexed by token, and the steps every mode is made of (start a
+//! connection, handle an event, judge replies, close and account). The
+//! modes themselves are sequences of these steps in `traffic` and `churn`.
+
+use crate::check::Verdict;
+use crate::conn::{Conn, ReadEnd};
+use crate::line::{LineFormat, show};
+use crate::net;
+use crate::tally::{ErrorKind, Tally, record};
+use mio::{Events, Interest, Poll, Token};
+use std::collections::VecDeque;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Reads per connection per turn of the loop; a connection with more input
+/// is served again on the next turn (fairness, and a bound on the loop).
+const READ_BUDGET: usize = 16;
+/// Size of the shared read buffer.
+const READ_BUF: usize = 64 * 1024;
+/// Longest single wait in `poll`, so deadlines are noticed promptly.
+const MAX_POLL_WAIT: Duration = Duration::from_millis(100);
+/// Events per `poll` call.
+const EVENTS: usize = 1024;
+
+/// Fixed facts of a run, the same for every thread.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub target: SocketAddr,
+    /// Source addresses, round robin by connection id; empty: no bind.
+    pub sources: Vec<Ipv4Addr>,
+    pub format: LineFormat,
+    /// Lines in flight per connection in the traffic phase.
+    pub depth: usize,
+    /// Connections in progress at once, for this thread.
+    pub concurrency: usize,
+    pub connect_timeout: Duration,
+    /// How long replies still outstanding at the end may take.
+    pub grace: Duration,
+    /// Start of the run: error timestamps are relative to it.
+    pub t0: Instant,
+}
+
+/// Counters the main thread reads for the progress line.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub connected: AtomicU64,
+    pub replies: AtomicU64,
+}
+
+/// The measured window: replies that arrive inside it are counted in the
+/// rate and the latency histogram.
+#[derive(Clone, Copy, Debug)]
+pub struct Window {
+    pub from: Instant,
+    pub to: Instant,
+}
+
+impl Window {
+    fn contains(&self, t: Instant) -> bool {
+        self.from <= t && t < self.to
+    }
+}
+
+/// Why a connection is being closed, for the accounting in `close`.
+#[derive(Debug)]
+pub enum Close {
+    /// Its job is over; lines still outstanding are `missing`.
+    Done,
+    /// The run hit its time limit; nothing is counted.
+    Abandon,
+    /// The server closed the connection (`closed_early`).
+    Eof,
+    /// A socket error on an established connection.
+    Failed(io::Error),
+    /// The connection could not be established.
+    ConnectFailed(String),
+}
+
+/// One thread's loop state. Invariants: `slots[i]` holds the connection
+/// registered with `Token(i)`; a slot is only reused at the top of a loop
+/// turn (never while a batch of events is handled), so no stale event can
+/// reach a new connection; `connecting` counts slots whose connection is in
+/// progress, `live` all occupied slots.
+pub struct Worker {
+    pub settings: Settings,
+    poll: Poll,
+    events: Events,
+    pub slots: Vec<Option<Conn>>,
+    /// Free slots (used by the connect mode, which reuses them).
+    pub free: Vec<usize>,
+    buf: Vec<u8>,
+    /// Connections whose read budget ran out: served again next turn.
+    again: Vec<usize>,
+    /// Connect deadlines in start order: (slot, connection id, deadline).
+    deadlines: VecDeque<(usize, u32, Instant)>,
+    pub tally: Tally,
+    /// Replies in this window count toward rate and latency.
+    pub window: Window,
+    /// Send a new line for every reply received (traffic phase).
+    pub refill: bool,
+    /// Send one line as soon as a connection is established.
+    pub greet: bool,
+    /// Close a connection once all its lines are answered (connect mode).
+    pub close_when_answered: bool,
+    pub connecting: usize,
+    pub live: usize,
+    progress: Arc<Progress>,
+    reported_replies: u64,
+}
+
+impl Worker {
+    /// A worker with `slots` empty connection slots.
+    pub fn new(settings: Settings, progress: Arc<Progress>, slots: usize) -> io::Result<Worker> {
+        let t0 = settings.t0;
+        Ok(Worker {
+            settings,
+            poll: Poll::new()?,
+            events: Events::with_capacity(EVENTS),
+            slots: (0..slots).map(|_| None).collect(),
+            free: (0..slots).rev().collect(),
+            buf: vec![0; READ_BUF],
+            again: Vec::new(),
+            deadlines: VecDeque::new(),
+            tally: Tally::default(),
+            window: Window { from: t0, to: t0 },
+            refill: false,
+            greet: false,
+            close_when_answered: false,
+            connecting: 0,
+            live: 0,
+            progress,
+            reported_replies: 0,
+        })
+    }
+
+    fn since_start(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.settings.t0)
+    }
+
+    /// Starts connection `id` in empty slot `slot`; its deadline is
+    /// `now + timeout`.
+    pub fn begin_connect(&mut self, slot: usize, id: u32, now: Instant, timeout: Duration) {
+        debug_assert!(self.slots[slot].is_none());
+        self.tally.connects_attempted += 1;
+        let sources = &self.settings.sources;
+        let source = (!sources.is_empty()).then(|| sources[id as usize % sources.len()]);
+        let at = self.since_start(now);
+        let mut stream = match net::start_connect(self.settings.target, source) {
+            Ok(s) => s,
+            Err(e) => {
+                let src = source.map(|s| format!(" from {s}")).unwrap_or_default();
+                self.tally.error(ErrorKind::Connect, 1, at, || {
+                    format!("c{id}: connect{src}: {e}")
+                });
+                self.free.push(slot);
+                return;
+            }
+        };
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut stream, Token(slot), interest)
+        {
+            self.tally
+                .error(ErrorKind::Io, 1, at, || format!("c{id}: register: {e}"));
+            self.free.push(slot);
+            return;
+        }
+        self.slots[slot] = Some(Conn::new(id, stream, self.settings.format, now));
+        self.connecting += 1;
+        self.live += 1;
+        self.deadlines.push_back((slot, id, now + timeout));
+    }
+
+    /// Handles deadlines that have passed: a connection still in progress
+    /// fails to connect; in connect mode (`close_when_answered`) an
+    /// established one whose exchange is not over is closed as `Done`, so
+    /// its outstanding line counts as missing.
+    pub fn expire(&mut self, now: Instant) {
+        while let Some(&(slot, id, deadline)) = self.deadlines.front() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            let Some(conn) = self.slots[slot].as_ref().filter(|c| c.id == id) else {
+                continue;
+            };
+            if conn.connecting_since.is_some() {
+                let timeout = self.settings.connect_timeout;
+                self.close(
+                    slot,
+                    Close::ConnectFailed(format!("timed out after {timeout:?}")),
+                    now,
+                );
+            } else if self.close_when_answered {
+                self.close(slot, Close::Done, now);
+            }
+        }
+    }
+
+    /// The earliest pending connect deadline.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.front().map(|d| d.2)
+    }
+
+    /// Waits for events until at most `until` and handles them. Returns the
+    /// time after handling.
+    pub fn turn(&mut self, until: Instant) -> Instant {
+        let now = Instant::now();
+        let wait = if self.again.is_empty() {
+            until.saturating_duration_since(now).min(MAX_POLL_WAIT)
+        } else {
+            Duration::ZERO
+        };
+        if let Err(e) = self.poll.poll(&mut self.events, Some(wait))
+            && e.kind() != io::ErrorKind::Interrupted
+        {
+            let at = self.since_start(now);
+            self.tally
+                .error(ErrorKind::Io, 1, at, || format!("poll: {e}"));
+            // Don't spin on a broken poll: the caller's deadline ends the run.
+            std::thread::sleep(wait);
+        }
+        let now = Instant::now();
+        let ready: Vec<(usize, bool, bool)> = self
+            .events
+            .iter()
+            .map(|ev| {
+                let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                let writable = ev.is_writable() || ev.is_write_closed() || ev.is_error();
+                (ev.token().0, readable, writable)
+            })
+            .collect();
+        let again = std::mem::take(&mut self.again);
+        for (slot, readable, writable) in ready {
+            self.on_event(slot, readable, writable, now);
+        }
+        for slot in again {
+            self.service(slot, true, false, now);
+        }
+        let replies = self.tally.replies;
+        self.progress
+            .replies
+            .fetch_add(replies - self.reported_replies, Ordering::Relaxed);
+        self.reported_replies = replies;
+        now
+    }
+
+    /// Handles readiness of the connection in `slot`.
+    fn on_event(&mut self, slot: usize, readable: bool, writable: bool, now: Instant) {
+        let Some(conn) = self.slots[slot].as_mut() else {
+            return;
+        };
+        if let Some(since) = conn.connecting_since {
+            match net::connect_result(&conn.stream) {
+                None => return,
+                Some(Err(e)) => {
+                    self.close(slot, Close::ConnectFailed(e.to_string()), now);
+                    return;
+                }
+                Some(Ok(())) => {
+                    conn.connecting_since = None;
+                    self.connecting -= 1;
+                    self.tally.connects_ok += 1;
+                    record(&mut self.tally.connect_latency, now - since);
+                    self.progress.connected.fetch_add(1, Ordering::Relaxed);
+                    if self.greet {
+                        conn.queue_line(&self.settings.format, now);
+                    }
+                }
+            }
+        }
+        self.service(slot, readable, writable, now);
+    }
+
+    /// Queues `n` lines on the connection in `slot` and writes them.
+    pub fn send_lines(&mut self, slot: usize, n: usize, now: Instant) {
+        let Some(conn) = self.slots[slot].as_mut() else {
+            return;
+        };
+        for _ in 0..n {
+            conn.queue_line(&self.settings.format, now);
+        }
+        self.service(slot, false, true, now);
+    }
+
+    /// Reads and judges replies, queues refills, writes, and closes the
+    /// connection when it ended or its job is done.
+    fn service(&mut self, slot: usize, readable: bool, writable: bool, now: Instant) {
+        let Some(conn) = self.slots[slot].as_mut() else {
+            return;
+        };
+        let mut answered = 0usize;
+        let mut end = ReadEnd::Drained;
+        if readable {
+            let (tally, window, t0, id) = (&mut self.tally, self.window, self.settings.t0, conn.id);
+            end = conn.read_some(&mut self.buf, READ_BUDGET, |v| {
+                if judge(v, id, now, t0, window, tally) {
+                    answered += 1;
+                }
+            });
+        }
+        if self.refill {
+            for _ in 0..answered {
+                conn.queue_line(&self.settings.format, now);
+            }
+        }
+        let written = if writable || conn.has_output() {
+            conn.flush()
+        } else {
+            Ok(true)
+        };
+        let done = self.close_when_answered
+            && conn.lines_sent() > 0
+            && conn.checker.outstanding() == 0
+            && conn.checker.partial().is_empty();
+        match (end, written) {
+            (ReadEnd::Failed(e), _) | (_, Err(e)) => self.close(slot, Close::Failed(e), now),
+            (ReadEnd::Eof, _) => self.close(slot, Close::Eof, now),
+            (_, Ok(_)) if done => {
+                self.tally.completed += 1;
+                self.close(slot, Close::Done, now);
+            }
+            (ReadEnd::Budget, _) => self.again.push(slot),
+            (ReadEnd::Drained, _) => {}
+        }
+    }
+
+    /// Closes the connection in `slot` and accounts for how it ended.
+    pub fn close(&mut self, slot: usize, how: Close, now: Instant) {
+        let Some(mut conn) = self.slots[slot].take() else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        self.free.push(slot);
+        self.live -= 1;
+        if conn.connecting_since.is_some() {
+            self.connecting -= 1;
+        }
+        let at = self.since_start(now);
+        let id = conn.id;
+        let seqs = conn.checker.outstanding_seqs();
+        let partial = conn.checker.partial();
+        let why = match &how {
+            Close::Abandon => return,
+            Close::Done => "no reply within the grace period",
+            Close::Eof => {
+                self.tally.error(ErrorKind::ClosedEarly, 1, at, || {
+                    format!(
+                        "c{id}: server closed the connection, {} line(s) outstanding",
+                        seqs.len()
+                    )
+                });
+                "connection closed by the server"
+            }
+            Close::Failed(e) => {
+                self.tally
+                    .error(ErrorKind::of_io(e), 1, at, || format!("c{id}: {e}"));
+                "socket error"
+            }
+            Close::ConnectFailed(e) => {
+                let target = self.settings.target;
+                self.tally.error(ErrorKind::Connect, 1, at, || {
+                    format!("c{id}: connect to {target}: {e}")
+                });
+                return;
+            }
+        };
+        if let Some(first) = seqs.first() {
+            self.tally
+                .error(ErrorKind::Missing, seqs.len() as u64, at, || {
+                    format!(
+                        "c{id}: {why}: no reply for {} line(s), first s{first}; partial reply `{}`",
+                        seqs.len(),
+                        show(partial, 80)
+                    )
+                });
+        } else if !partial.is_empty() {
+            self.tally.error(ErrorKind::Extra, 1, at, || {
+                format!("c{id}: unrequested bytes `{}`", show(partial, 80))
+            });
+        }
+    }
+
+    /// Closes every connection with the same reason.
+    pub fn close_all(&mut self, how: impl Fn() -> Close, now: Instant) {
+        for slot in 0..self.slots.len() {
+            if self.slots[slot].is_some() {
+                self.close(slot, how(), now);
+            }
+        }
+    }
+
+    /// Lines without a reply over all connections.
+    pub fn outstanding(&self) -> usize {
+        self.slots
+            .iter()
+            .flatten()
+            .map(|c| c.checker.outstanding())
+            .sum()
+    }
+}
+
+/// Counts one reply verdict into `tally`; true when it settled a line (so
+/// a refill may be sent).
+fn judge(
+    v: Verdict,
+    id: u32,
+    now: Instant,
+    t0: Instant,
+    window: Window,
+    tally: &mut Tally,
+) -> bool {
+    let at = now.saturating_duration_since(t0);
+    match v {
+        Verdict::Answered(line) => {
+            tally.replies += 1;
+            if window.contains(now) {
+                tally.window_replies += 1;
+                record(&mut tally.latency, now.saturating_duration_since(line.sent));
+            }
+            true
+        }
+        Verdict::Reordered(line) => {
+            tally.error(ErrorKind::Reordered, 1, at, || {
+                format!(
+                    "c{id}: reply to s{} arrived after the reply to a later line",
+                    line.seq
+                )
+            });
+            true
+        }
+        Verdict::Duplicated { seq } => {
+            tally.error(ErrorKind::Duplicated, 1, at, || {
+                format!("c{id}: reply to s{seq} received twice")
+            });
+            false
+        }
+        Verdict::Altered { seq, expected, got } => {
+            tally.error(ErrorKind::Altered, 1, at, || {
+                let pos = expected.iter().zip(&got).position(|(a, b)| a != b);
+                let pos = pos.unwrap_or(expected.len().min(got.len()));
+                format!(
+                    "c{id}: reply to s{seq} differs at byte {pos}: expected `{}`, got `{}`",
+                    show(&expected, 80),
+                    show(&got, 80)
+                )
+            });
+            true
+        }
+        Verdict::Extra { got } => {
+            tally.error(ErrorKind::Extra, 1, at, || {
+                format!(
+                    "c{id}: reply `{}` while no line was outstanding",
+                    show(&got, 80)
+                )
+            });
+            false
+        }
+    }
+}
