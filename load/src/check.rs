@@ -8,8 +8,13 @@
 //!   overtook are set aside as *skipped*; a skipped line whose reply shows up
 //!   later is `reordered`, one whose reply never comes is `missing`;
 //! - the reply of a line answered recently: `duplicated`;
-//! - anything else: `altered` (it takes the place of the oldest outstanding
-//!   line) or, when nothing is outstanding, `extra`.
+//! - anything else is a *suspect*, judged with the next line: if that next
+//!   line is the reply owed for the oldest outstanding line, the suspect was
+//!   `extra` (bytes nobody asked for); otherwise it was `altered` (it takes
+//!   the place of the oldest outstanding line). A suspect still pending when
+//!   the connection ends is `altered`, or `extra` when nothing was owed.
+//!   (In ping-pong, a connection with a suspect waits for the end of the
+//!   run: the server believes it answered.)
 
 use crate::line::LineFormat;
 use std::collections::VecDeque;
@@ -61,6 +66,8 @@ pub struct Checker {
     partial: Vec<u8>,
     /// An oversized line was reported; drop bytes up to the next `\n`.
     discarding: bool,
+    /// A received line that matched nothing, judged with the next one.
+    suspect: Option<Vec<u8>>,
     /// Reused buffer for expected replies.
     scratch: Vec<u8>,
 }
@@ -75,6 +82,7 @@ impl Checker {
             recent: VecDeque::with_capacity(RECENT),
             partial: Vec::new(),
             discarding: false,
+            suspect: None,
             scratch: Vec::new(),
         }
     }
@@ -115,11 +123,11 @@ impl Checker {
                     if self.discarding {
                         self.discarding = false;
                     } else if self.partial.is_empty() {
-                        on(self.judge(line));
+                        self.judge(line, &mut on);
                     } else {
                         let mut whole = std::mem::take(&mut self.partial);
                         whole.extend_from_slice(line);
-                        on(self.judge(&whole));
+                        self.judge(&whole, &mut on);
                         whole.clear();
                         self.partial = whole;
                     }
@@ -131,7 +139,7 @@ impl Checker {
                             // Too long to be any reply: judge what we have and
                             // skip the rest of this line.
                             let got = std::mem::take(&mut self.partial);
-                            on(self.judge(&got));
+                            self.judge(&got, &mut on);
                             self.discarding = true;
                         }
                     }
@@ -155,15 +163,61 @@ impl Checker {
         self.recent.push_back(seq);
     }
 
+    /// The line whose reply is due: the oldest outstanding, else the oldest
+    /// skipped one.
+    fn due(&self) -> Option<InFlight> {
+        self.inflight
+            .front()
+            .copied()
+            .or_else(|| self.skipped.first().copied())
+    }
+
+    /// Settles a suspect line: `altered` in place of the due line, or
+    /// `extra` when no line is due.
+    fn settle_altered(&mut self, got: Vec<u8>, on: &mut impl FnMut(Verdict)) {
+        let Some(due) = self.due() else {
+            on(Verdict::Extra { got });
+            return;
+        };
+        if self.inflight.front() == Some(&due) {
+            self.inflight.pop_front();
+        } else {
+            self.skipped.remove(0);
+        }
+        self.scratch.clear();
+        self.format
+            .push_reply(&mut self.scratch, self.conn, due.seq);
+        self.remember(due.seq);
+        on(Verdict::Altered {
+            seq: due.seq,
+            expected: self.scratch.clone(),
+            got,
+        });
+    }
+
+    /// Settles a pending suspect line when no more replies will come (the
+    /// connection is about to close). Call before `outstanding`.
+    pub fn finish(&mut self, mut on: impl FnMut(Verdict)) {
+        if let Some(got) = self.suspect.take() {
+            self.settle_altered(got, &mut on);
+        }
+    }
+
     /// Judges one received line (normally ending in `\n`).
-    fn judge(&mut self, got: &[u8]) -> Verdict {
+    fn judge(&mut self, got: &[u8], on: &mut impl FnMut(Verdict)) {
+        if let Some(suspect) = self.suspect.take() {
+            match self.due() {
+                Some(due) if self.is_reply(due.seq, got) => on(Verdict::Extra { got: suspect }),
+                _ => self.settle_altered(suspect, on),
+            }
+        }
         // The common case first: the reply of the oldest outstanding line.
         if let Some(head) = self.inflight.front().copied()
             && self.is_reply(head.seq, got)
         {
             self.inflight.pop_front();
             self.remember(head.seq);
-            return Verdict::Answered(head);
+            return on(Verdict::Answered(head));
         }
         for k in 1..self.inflight.len() {
             let cand = self.inflight[k];
@@ -171,7 +225,7 @@ impl Checker {
                 self.skipped.extend(self.inflight.drain(..k));
                 self.inflight.pop_front();
                 self.remember(cand.seq);
-                return Verdict::Answered(cand);
+                return on(Verdict::Answered(cand));
             }
         }
         for j in 0..self.skipped.len() {
@@ -179,33 +233,16 @@ impl Checker {
             if self.is_reply(cand.seq, got) {
                 self.skipped.remove(j);
                 self.remember(cand.seq);
-                return Verdict::Reordered(cand);
+                return on(Verdict::Reordered(cand));
             }
         }
         for j in 0..self.recent.len() {
             let seq = self.recent[j];
             if self.is_reply(seq, got) {
-                return Verdict::Duplicated { seq };
+                return on(Verdict::Duplicated { seq });
             }
         }
-        let due = match self.inflight.pop_front() {
-            Some(l) => Some(l),
-            None if !self.skipped.is_empty() => Some(self.skipped.remove(0)),
-            None => None,
-        };
-        match due {
-            Some(l) => {
-                self.scratch.clear();
-                self.format.push_reply(&mut self.scratch, self.conn, l.seq);
-                self.remember(l.seq);
-                Verdict::Altered {
-                    seq: l.seq,
-                    expected: self.scratch.clone(),
-                    got: got.to_vec(),
-                }
-            }
-            None => Verdict::Extra { got: got.to_vec() },
-        }
+        self.suspect = Some(got.to_vec());
     }
 }
 
@@ -236,6 +273,7 @@ mod tests {
         for piece in stream.chunks(chunk) {
             c.feed(piece, |v| out.push(v));
         }
+        c.finish(|v| out.push(v));
         (out, c)
     }
 
@@ -289,6 +327,23 @@ mod tests {
         let stream = [bad, reply(1)].concat();
         let (v, c) = run(&[0, 1], &stream, 3);
         assert_eq!(names(&v), ["altered", "ok"]);
+        assert_eq!(c.outstanding(), 0);
+    }
+
+    #[test]
+    fn unrequested_line_before_a_reply_is_extra() {
+        let stream = [b"hello\n".to_vec(), reply(0), reply(1)].concat();
+        let (v, c) = run(&[0, 1], &stream, 4);
+        assert_eq!(names(&v), ["extra", "ok", "ok"]);
+        assert_eq!(c.outstanding(), 0);
+    }
+
+    #[test]
+    fn altered_last_reply_is_settled_by_finish() {
+        let mut bad = reply(0);
+        bad[3] = b'!';
+        let (v, c) = run(&[0], &bad, 64);
+        assert_eq!(names(&v), ["altered"]);
         assert_eq!(c.outstanding(), 0);
     }
 

@@ -344,6 +344,12 @@ impl Worker {
         }
         let at = self.since_start(now);
         let id = conn.id;
+        if !matches!(how, Close::Abandon) {
+            let (tally, window, t0) = (&mut self.tally, self.window, self.settings.t0);
+            conn.checker.finish(|v| {
+                judge(v, id, now, t0, window, tally);
+            });
+        }
         let seqs = conn.checker.outstanding_seqs();
         let partial = conn.checker.partial();
         let why = match &how {
