@@ -49,6 +49,18 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// Serve Prometheus metrics at `GET /metrics` on this address [default: off].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+
+    /// Require a PROXY protocol v1 or v2 header on every connection (behind HAProxy or nginx).
+    #[arg(long)]
+    pub proxy_protocol: bool,
+
+    /// How long a connection may take to send its whole PROXY header.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub proxy_header_timeout: Duration,
+
     /// Log level: error, warn, info, debug, trace [default: $RUST_LOG, else info].
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<log::LevelFilter>,
@@ -59,6 +71,8 @@ pub struct Cli {
 pub struct Config {
     /// How lines are answered.
     pub mode: Mode,
+    /// Event loops to run (`--threads`, with 0 resolved to the core count).
+    pub threads: usize,
     /// Longest accepted line content, in bytes.
     pub max_line: usize,
     /// Idle timeout; `None` when switched off.
@@ -75,6 +89,10 @@ pub struct Config {
     pub linger_time: Duration,
     /// How much input an error-closing connection may send before close.
     pub linger_bytes: usize,
+    /// With `--proxy-protocol`: the deadline for the whole header.
+    pub proxy_header_timeout: Option<Duration>,
+    /// The deadline for a whole `/metrics` request.
+    pub request_timeout: Duration,
 }
 
 /// Input served to one connection per turn (Redis reads 16 KiB per event,
@@ -84,6 +102,8 @@ pub const READ_BUDGET: usize = 64 * 1024;
 pub const LINGER_TIME: Duration = Duration::from_secs(2);
 /// See [`LINGER_TIME`].
 pub const LINGER_BYTES: usize = 64 * 1024;
+/// A metrics client must send its whole request within this time.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Descriptors kept free so that a busy reply can still be accepted (Redis
 /// reserves 32).
 pub const FD_RESERVE: usize = 32;
@@ -92,10 +112,18 @@ impl Config {
     /// Derives the loop configuration; `fd_limit` is the effective
     /// `RLIMIT_NOFILE`, used for the default connection cap.
     pub fn from_cli(cli: &Cli, fd_limit: u64) -> Config {
-        let fixed = cli.listen.len() + FD_RESERVE + 8;
+        let threads = match cli.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        // Per loop: its listeners, its poll and its waker; then stdio, the
+        // signal pipe and the reserve for busy replies.
+        let per_loop = cli.listen.len() + usize::from(cli.metrics.is_some()) + 2;
+        let fixed = threads * per_loop + FD_RESERVE + 8;
         let derived = (fd_limit as usize).saturating_sub(fixed).max(1);
         Config {
             mode: if cli.raw { Mode::Raw } else { Mode::Prefix },
+            threads,
             max_line: cli.max_line,
             idle_timeout: (!cli.idle_timeout.is_zero()).then_some(cli.idle_timeout),
             max_pending_output: cli.max_pending_output.max(1),
@@ -104,6 +132,8 @@ impl Config {
             read_budget: READ_BUDGET,
             linger_time: LINGER_TIME,
             linger_bytes: LINGER_BYTES,
+            proxy_header_timeout: cli.proxy_protocol.then_some(cli.proxy_header_timeout),
+            request_timeout: REQUEST_TIMEOUT,
         }
     }
 

@@ -29,11 +29,14 @@
 
 use crate::config::Config;
 use crate::line::{self, Stop};
+use crate::metrics::{self, Counters};
+use crate::proxy;
 use bytes::{Buf, BytesMut};
 use log::trace;
 use std::io::{self, Read, Write};
 use std::mem;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 pub use crate::metrics::CloseReason;
@@ -42,6 +45,11 @@ pub use crate::metrics::CloseReason;
 /// makes the loop release the socket, the slab slot and the timer at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
+    /// `--proxy-protocol`: collecting the PROXY header; nothing is answered
+    /// until it parses (an invalid or late header closes as `error`).
+    ProxyHeader,
+    /// A `--metrics` client: collecting its HTTP request head.
+    Request,
     /// Reading input, answering each complete line.
     Open,
     /// Unsent replies reached `max_pending_output`: no reading or framing
@@ -111,6 +119,8 @@ pub struct Cx<'a> {
     pub spare: &'a mut BytesMut,
     /// Traffic counted this turn (the loop adds it to the metrics).
     pub tally: &'a mut Tally,
+    /// Every loop's counters, for a `/metrics` page.
+    pub metrics: &'a [Arc<Counters>],
 }
 
 /// Traffic counters the loop collects from its connections.
@@ -186,10 +196,24 @@ fn is_reset(e: &io::Error) -> bool {
 }
 
 impl Conn {
-    /// A new connection from `peer`, opened at `now`.
-    pub fn new(peer: SocketAddr, now: Instant) -> Conn {
+    /// A new echo connection from `peer`, opened at `now`; it starts by
+    /// waiting for a PROXY header when the configuration asks for one.
+    pub fn new(peer: SocketAddr, now: Instant, cfg: &Config) -> Conn {
+        let state = match cfg.proxy_header_timeout {
+            Some(_) => State::ProxyHeader,
+            None => State::Open,
+        };
+        Conn::with_state(peer, now, state)
+    }
+
+    /// A new `--metrics` client, expected to send one HTTP request.
+    pub fn new_metrics(peer: SocketAddr, now: Instant) -> Conn {
+        Conn::with_state(peer, now, State::Request)
+    }
+
+    fn with_state(peer: SocketAddr, now: Instant, state: State) -> Conn {
         Conn {
-            state: State::Open,
+            state,
             peer,
             rbuf: BytesMut::new(),
             wbuf: BytesMut::new(),
@@ -235,7 +259,9 @@ impl Conn {
         self.peer_closed |= ready.read_closed;
         self.borrow_spare(cx);
         let next = match self.state {
-            State::Open if ready.readable => self.read_lines(io, cx),
+            State::Open | State::ProxyHeader | State::Request if ready.readable => {
+                self.read_input(io, cx)
+            }
             State::Lingering { .. } if ready.readable => self.discard_input(io, cx),
             _ => Next::Keep,
         };
@@ -248,6 +274,10 @@ impl Conn {
         match self.deadline(cfg) {
             Some(due) if due <= now => Next::Close(match self.state {
                 State::Lingering { reason, .. } => reason,
+                State::ProxyHeader => {
+                    log::debug!("{}: no complete PROXY header in time", self.peer);
+                    CloseReason::Error
+                }
                 _ => CloseReason::Idle,
             }),
             _ => Next::Keep,
@@ -262,7 +292,7 @@ impl Conn {
         self.borrow_spare(cx);
         let mut next = Next::Keep;
         if self.state == State::Open {
-            next = self.read_lines(io, cx);
+            next = self.read_input(io, cx);
         }
         if next == Next::Keep && matches!(self.state, State::Open | State::Paused) {
             let buffered = mem::take(&mut self.rbuf);
@@ -275,6 +305,10 @@ impl Conn {
             );
             cx.tally.lines += a.lines as u64;
             self.set_state(State::Flushing(CloseReason::Shutdown));
+        }
+        if matches!(self.state, State::ProxyHeader | State::Request) {
+            // Nothing was asked of it yet: it just goes.
+            next = Next::Close(CloseReason::Shutdown);
         }
         self.end_turn(io, next, cx)
     }
@@ -311,6 +345,7 @@ impl Conn {
     /// rustls's `event_set`); the loop re-registers only when it changes.
     pub fn interest(&self) -> Want {
         match self.state {
+            State::ProxyHeader | State::Request => Want::Read,
             State::Open if self.wbuf.is_empty() => Want::Read,
             State::Open => Want::ReadWrite,
             State::Paused | State::Flushing(_) => Want::Write,
@@ -322,6 +357,8 @@ impl Conn {
     pub fn deadline(&self, cfg: &Config) -> Option<Instant> {
         match self.state {
             State::Lingering { until, .. } => Some(until),
+            State::ProxyHeader => cfg.proxy_header_timeout.map(|t| self.last_line + t),
+            State::Request => Some(self.last_line + cfg.request_timeout),
             _ => cfg.idle_timeout.map(|idle| self.last_line + idle),
         }
     }
@@ -335,10 +372,13 @@ impl Conn {
     // ----- reading ------------------------------------------------------------
 
     /// Reads until `WouldBlock`, EOF, a short read (the kernel buffer is
-    /// drained) or the per-turn budget, answering lines as they complete.
-    fn read_lines(&mut self, io: &mut impl Io, cx: &mut Cx) -> Next {
+    /// drained) or the per-turn budget, handing each read to `take_input`.
+    fn read_input(&mut self, io: &mut impl Io, cx: &mut Cx) -> Next {
         let mut budget = cx.cfg.read_budget;
-        while self.state == State::Open {
+        while matches!(
+            self.state,
+            State::Open | State::ProxyHeader | State::Request
+        ) {
             if budget == 0 {
                 self.wants_read = true;
                 break;
@@ -354,7 +394,14 @@ impl Conn {
                 }
                 Read_::Eof => {
                     cx.input = input;
-                    self.end_of_input(cx);
+                    match self.state {
+                        State::Open => self.end_of_input(cx),
+                        State::ProxyHeader => {
+                            log::debug!("{}: EOF before a PROXY header", self.peer);
+                            return Next::Close(CloseReason::Error);
+                        }
+                        _ => return Next::Close(CloseReason::Eof),
+                    }
                     break;
                 }
                 Read_::Reset => {
@@ -369,8 +416,11 @@ impl Conn {
             };
             cx.tally.received += n as u64;
             budget -= n;
-            self.take_input(&input[..n], cx);
+            let next = self.take_input(&input[..n], cx);
             cx.input = input;
+            if next != Next::Keep {
+                return next;
+            }
             // A short read drained the socket: a new edge will come for new
             // bytes, so skip the read that would only say WouldBlock. Not
             // after a FIN, whose edge may already have been consumed.
@@ -381,8 +431,60 @@ impl Conn {
         Next::Keep
     }
 
+    /// Freshly read bytes, handled as the state says.
+    fn take_input(&mut self, data: &[u8], cx: &mut Cx) -> Next {
+        match self.state {
+            State::ProxyHeader => self.take_proxy_header(data, cx),
+            State::Request => {
+                self.take_request(data, cx);
+                Next::Keep
+            }
+            _ => {
+                self.take_lines(data, cx);
+                Next::Keep
+            }
+        }
+    }
+
+    /// Collects the PROXY header; the bytes after it are the client's first
+    /// input. Headers may arrive split over any number of reads.
+    fn take_proxy_header(&mut self, data: &[u8], cx: &mut Cx) -> Next {
+        self.rbuf.extend_from_slice(data);
+        match proxy::parse(&self.rbuf) {
+            proxy::Parsed::Incomplete => Next::Keep,
+            proxy::Parsed::Invalid(why) => {
+                log::debug!("{}: invalid PROXY header: {why}", self.peer);
+                Next::Close(CloseReason::Error)
+            }
+            proxy::Parsed::Done { len, source } => {
+                match source {
+                    Some(client) => {
+                        log::debug!("{}: PROXY header names client {client}", self.peer);
+                        self.peer = client;
+                    }
+                    None => log::debug!("{}: PROXY health check (LOCAL/UNKNOWN)", self.peer),
+                }
+                let after = mem::take(&mut self.rbuf).split_off(len);
+                self.set_state(State::Open);
+                self.take_lines(&after, cx);
+                Next::Keep
+            }
+        }
+    }
+
+    /// Collects a `/metrics` request head and queues the response.
+    fn take_request(&mut self, data: &[u8], cx: &mut Cx) {
+        self.rbuf.extend_from_slice(data);
+        let request = metrics::parse_request(&self.rbuf);
+        if let Some(response) = metrics::response(request, cx.metrics) {
+            self.rbuf = BytesMut::new();
+            self.wbuf.extend_from_slice(&response);
+            self.set_state(State::Flushing(CloseReason::Eof));
+        }
+    }
+
     /// Frames freshly read bytes against the partial line kept in `rbuf`.
-    fn take_input(&mut self, mut data: &[u8], cx: &mut Cx) {
+    fn take_lines(&mut self, mut data: &[u8], cx: &mut Cx) {
         if !self.rbuf.is_empty() {
             // Only the new bytes are searched: `rbuf` holds no `\n`.
             match memchr::memchr(b'\n', data) {
@@ -662,6 +764,7 @@ mod tests {
                 input: &mut self.input,
                 spare: &mut self.spare,
                 tally: &mut self.tally,
+                metrics: &[],
             };
             conn.handle_io(io, ready, &mut cx)
         }
@@ -675,7 +778,7 @@ mod tests {
     }
 
     fn conn_open(h: &Harness) -> Conn {
-        Conn::new(peer(), h.now)
+        Conn::new(peer(), h.now, &h.cfg)
     }
 
     /// A connection paused behind `max_pending_output` = 8 with a client
@@ -861,6 +964,7 @@ mod tests {
             input: &mut h.input,
             spare: &mut h.spare,
             tally: &mut h.tally,
+            metrics: &[],
         };
         assert_eq!(conn.handle_shutdown(&mut io, &mut cx), Next::Keep);
         assert_eq!(io.written, b"aaaa\nbbb\nc\n");

@@ -106,6 +106,34 @@ impl ShutdownHandle {
     }
 }
 
+/// What is handed to every loop: the configuration and the few things
+/// shared across loops, none of them touched per line.
+#[derive(Clone)]
+pub struct Shared {
+    /// Limits and mode.
+    pub cfg: Arc<Config>,
+    /// Every loop's counters (a `/metrics` page sums them); loop `i` writes
+    /// only `counters[i]`.
+    pub counters: Arc<[Arc<Counters>]>,
+    /// Live connections in the whole process (for `--max-connections`).
+    pub live: Arc<AtomicUsize>,
+}
+
+/// What a listening socket accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// Line-echo clients.
+    Echo,
+    /// `--metrics` HTTP clients.
+    Metrics,
+}
+
+/// A listening socket and what it accepts.
+struct Listener {
+    socket: TcpListener,
+    kind: Kind,
+}
+
 /// A connection in the slab with the loop's bookkeeping for it.
 struct Slot {
     /// The socket; dropping the slot closes it.
@@ -121,6 +149,8 @@ struct Slot {
     timer_tick: Option<u64>,
     /// On the ready list already.
     queued: bool,
+    /// An echo client (counted in the metrics), not a metrics client.
+    counted: bool,
 }
 
 /// One single-threaded event loop. Build it with [`EventLoop::new`], take a
@@ -129,7 +159,7 @@ pub struct EventLoop {
     /// The poller; only this file touches it.
     poll: Poll,
     /// Listening sockets (token `LISTENER_BASE - index`); emptied at shutdown.
-    listeners: Vec<TcpListener>,
+    listeners: Vec<Listener>,
     /// Live connections, keyed by the low half of their token.
     conns: Slab<Slot>,
     /// Idle and linger deadlines.
@@ -157,6 +187,8 @@ pub struct EventLoop {
     shutdown_deadline: Option<Instant>,
     /// This loop's metrics (written only here).
     counters: Arc<Counters>,
+    /// Every loop's metrics, for `/metrics` pages.
+    all_counters: Arc<[Arc<Counters>]>,
     /// Live connections in the whole process (for `--max-connections`).
     live: Arc<AtomicUsize>,
     /// Wakes the loop from another thread.
@@ -164,26 +196,35 @@ pub struct EventLoop {
 }
 
 impl EventLoop {
-    /// A loop serving `listeners`, counting into `counters`, sharing the
-    /// process-wide live connection count `live`.
+    /// Loop number `index`, serving line-echo clients on `echo` and metrics
+    /// clients on `metrics` (all non-blocking listeners).
     pub fn new(
-        cfg: Arc<Config>,
-        listeners: Vec<std::net::TcpListener>,
-        counters: Arc<Counters>,
-        live: Arc<AtomicUsize>,
+        shared: Shared,
+        index: usize,
+        echo: Vec<std::net::TcpListener>,
+        metrics: Option<std::net::TcpListener>,
     ) -> io::Result<EventLoop> {
+        let Shared {
+            cfg,
+            counters: all_counters,
+            live,
+        } = shared;
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let mut mio_listeners = Vec::with_capacity(listeners.len());
-        for (i, l) in listeners.into_iter().enumerate() {
-            let mut l = TcpListener::from_std(l);
+        let kinds = echo
+            .into_iter()
+            .map(|l| (l, Kind::Echo))
+            .chain(metrics.map(|l| (l, Kind::Metrics)));
+        let mut listeners = Vec::new();
+        for (i, (l, kind)) in kinds.enumerate() {
+            let mut socket = TcpListener::from_std(l);
             poll.registry()
-                .register(&mut l, Token(LISTENER_BASE - i), Interest::READABLE)?;
-            mio_listeners.push(l);
+                .register(&mut socket, Token(LISTENER_BASE - i), Interest::READABLE)?;
+            listeners.push(Listener { socket, kind });
         }
         Ok(EventLoop {
             poll,
-            listeners: mio_listeners,
+            listeners,
             conns: Slab::new(),
             timer: Timer::new(cfg.timer_tick(), Instant::now()),
             ready: Vec::new(),
@@ -195,7 +236,8 @@ impl EventLoop {
             accept_backoff: ACCEPT_PAUSE_MIN,
             shutdown_requested: Arc::new(AtomicBool::new(false)),
             shutdown_deadline: None,
-            counters,
+            counters: all_counters[index].clone(),
+            all_counters,
             live,
             waker,
             cfg,
@@ -290,6 +332,7 @@ impl EventLoop {
             input: &mut self.input,
             spare: &mut self.spare,
             tally: &mut self.tally,
+            metrics: &self.all_counters,
         };
         let next = slot.conn.handle_io(&mut slot.socket, ready, &mut cx);
         self.settle(id, next);
@@ -341,7 +384,9 @@ impl EventLoop {
         let mut slot = self.conns.remove(id.key as usize);
         let _ = self.poll.registry().deregister(&mut slot.socket);
         debug!("{}: closed ({})", slot.conn.peer(), reason.as_str());
-        self.counters.closed(reason);
+        if slot.counted {
+            self.counters.closed(reason);
+        }
         self.live.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -400,13 +445,14 @@ impl EventLoop {
             return; // the pause timer retries every listener
         }
         while let Some(listener) = self.listeners.get(i) {
-            match listener::accept(listener) {
+            let kind = listener.kind;
+            match listener::accept(&listener.socket) {
                 Accepted::Conn(stream, peer) => {
                     if self.accept_backoff > ACCEPT_PAUSE_MIN {
                         info!("descriptors available again: accepting");
                         self.accept_backoff = ACCEPT_PAUSE_MIN;
                     }
-                    self.admit(stream, peer, now);
+                    self.admit(stream, peer, kind, now);
                 }
                 Accepted::WouldBlock => return,
                 Accepted::Transient(e) => debug!("accept: {e} (skipped)"),
@@ -437,15 +483,26 @@ impl EventLoop {
     }
 
     /// Takes a new connection into the slab, or turns it away when full.
-    fn admit(&mut self, mut stream: TcpStream, peer: std::net::SocketAddr, now: Instant) {
-        self.counters.accepted();
+    fn admit(
+        &mut self,
+        mut stream: TcpStream,
+        peer: std::net::SocketAddr,
+        kind: Kind,
+        now: Instant,
+    ) {
+        let counted = kind == Kind::Echo;
+        if counted {
+            self.counters.accepted();
+        }
         let live = self.live.fetch_add(1, Ordering::Relaxed);
         let entry = self.conns.vacant_entry();
         let key = u32::try_from(entry.key()).ok();
         let (true, Some(key)) = (live < self.cfg.max_connections, key) else {
             self.live.fetch_sub(1, Ordering::Relaxed);
-            turn_away(stream, peer);
-            self.counters.closed(CloseReason::Busy);
+            if counted {
+                turn_away(stream, peer);
+                self.counters.closed(CloseReason::Busy);
+            }
             return;
         };
         let id = ConnId {
@@ -461,13 +518,20 @@ impl EventLoop {
         {
             warn!("{peer}: register failed: {e}");
             self.live.fetch_sub(1, Ordering::Relaxed);
-            self.counters.closed(CloseReason::Error);
+            if counted {
+                self.counters.closed(CloseReason::Error);
+            }
             return;
         }
         debug!("{peer}: accepted");
+        let conn = match kind {
+            Kind::Echo => Conn::new(peer, now, &self.cfg),
+            Kind::Metrics => Conn::new_metrics(peer, now),
+        };
         entry.insert(Slot {
             socket: stream,
-            conn: Conn::new(peer, now),
+            conn,
+            counted,
             generation: id.generation,
             registered: Want::Read,
             timer_tick: None,
@@ -486,7 +550,7 @@ impl EventLoop {
             return;
         }
         for mut l in self.listeners.drain(..) {
-            let _ = self.poll.registry().deregister(&mut l);
+            let _ = self.poll.registry().deregister(&mut l.socket);
         }
         self.accept_paused_until = None;
         self.shutdown_deadline = Some(now + self.cfg.shutdown_timeout);
@@ -513,6 +577,7 @@ impl EventLoop {
                 input: &mut self.input,
                 spare: &mut self.spare,
                 tally: &mut self.tally,
+                metrics: &self.all_counters,
             };
             let next = slot.conn.handle_shutdown(&mut slot.socket, &mut cx);
             self.settle(id, next);
@@ -529,7 +594,9 @@ impl EventLoop {
         }
         for mut slot in self.conns.drain() {
             let _ = self.poll.registry().deregister(&mut slot.socket);
-            self.counters.closed(CloseReason::Shutdown);
+            if slot.counted {
+                self.counters.closed(CloseReason::Shutdown);
+            }
             self.live.fetch_sub(1, Ordering::Relaxed);
         }
         self.publish_tally();

@@ -6,6 +6,9 @@
 //! new connections over their listeners), `IPV6_V6ONLY` so `[::]:1234` and
 //! `0.0.0.0:1234` can both be listed, non-blocking and close-on-exec.
 //!
+//! Under systemd, [`inherited`] takes the listening sockets it passed
+//! instead (socket activation).
+//!
 //! [`accept`] turns `io::Result` into an [`Accepted`] right at the call, so
 //! the loop decides what to do from a name, not from an errno three frames
 //! up: descriptor exhaustion pauses accepting, a transient failure of one
@@ -72,6 +75,29 @@ fn is_exhaustion(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
+}
+
+/// Listening sockets passed by systemd socket activation (`LISTEN_PID`
+/// naming this process, `LISTEN_FDS` descriptors from fd 3), made
+/// non-blocking; empty when the process was not socket-activated.
+pub fn inherited() -> io::Result<Vec<std::net::TcpListener>> {
+    use std::os::fd::FromRawFd;
+    let mut listeners = Vec::new();
+    for fd in sd_notify::listen_fds()? {
+        // SAFETY: systemd hands these descriptors to this process (LISTEN_PID
+        // was checked) and nothing else in the process owns them.
+        let socket = unsafe { Socket::from_raw_fd(fd) };
+        if socket.r#type()? != Type::STREAM {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("inherited fd {fd} is not a stream socket"),
+            ));
+        }
+        socket.set_nonblocking(true)?;
+        socket.set_cloexec(true)?;
+        listeners.push(socket.into());
+    }
+    Ok(listeners)
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns the

@@ -1,22 +1,26 @@
 //! The `echoloop` binary: command line to running loops, and exit status.
 //!
 //! Start-up order: parse (exit 2 on bad arguments, clap's convention), set
-//! up logging, raise `RLIMIT_NOFILE`, bind every listener of every loop
-//! (exit 1 naming the address on failure), print `Echoing on ADDR` per
-//! address, start one thread per loop, then wait for signals. The first
-//! SIGINT/SIGTERM asks every loop to shut down gracefully (exit 0 when they
-//! are done); a second one exits at once with status 1.
+//! up logging, raise `RLIMIT_NOFILE`, take the listeners systemd passed or
+//! bind every listener of every loop (exit 1 naming the address on
+//! failure), print `Echoing on ADDR` per address, start one thread per
+//! loop, tell systemd `READY=1`, then wait for signals. The first
+//! SIGINT/SIGTERM tells systemd `STOPPING=1` and asks every loop to shut
+//! down gracefully (exit 0 when they are done); a second one exits at once
+//! with status 1.
 
 use clap::Parser;
 use echoloop::config::{Cli, Config};
-use echoloop::event_loop::{EventLoop, ShutdownHandle};
+use echoloop::event_loop::{EventLoop, Shared, ShutdownHandle};
 use echoloop::listener;
 use echoloop::metrics::Counters;
 use log::{error, info, warn};
 use mio::{Events, Interest, Poll, Token, Waker};
+use sd_notify::NotifyState;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use std::io::{self, Write};
+use std::net::{SocketAddr, TcpListener};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
@@ -48,48 +52,54 @@ fn init_logging(cli: &Cli) {
 }
 
 fn run(cli: &Cli) -> Result<ExitCode, String> {
+    let inherited = listener::inherited().map_err(|e| format!("systemd socket activation: {e}"))?;
+    // SAFETY: still single-threaded (no loop, logger or signal thread has
+    // started), so nothing reads the environment concurrently. Children of
+    // ours must not think the sockets are theirs.
+    unsafe {
+        for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+            std::env::remove_var(var);
+        }
+    }
     let fd_limit = listener::raise_fd_limit().map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
     let cfg = Arc::new(Config::from_cli(cli, fd_limit));
-    let threads = match cli.threads {
-        0 => thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
+    let threads = cfg.threads;
     info!(
         "open-file limit {fd_limit}, max connections {}, {threads} loop(s)",
         cfg.max_connections
     );
-    if cfg.max_connections + cfg_reserve(cli) > fd_limit as usize {
-        warn!(
-            "--max-connections {} leaves no descriptor reserve under the open-file limit {fd_limit}",
-            cfg.max_connections
-        );
-    }
 
-    // Every loop binds its own listener per address (SO_REUSEPORT when
-    // there are several); port 0 is resolved by the first bind.
-    let mut per_loop: Vec<Vec<std::net::TcpListener>> = (0..threads).map(|_| Vec::new()).collect();
-    let mut stdout = io::stdout().lock();
-    for requested in &cli.listen {
-        let mut addr = *requested;
-        for loop_listeners in per_loop.iter_mut() {
-            let l = listener::bind(addr, threads > 1)
-                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-            addr = l.local_addr().map_err(|e| format!("{requested}: {e}"))?;
-            loop_listeners.push(l);
-        }
-        writeln!(stdout, "Echoing on {addr}").map_err(|e| format!("stdout: {e}"))?;
+    let echo = if inherited.is_empty() {
+        bind_all(&cli.listen, threads)?
+    } else {
+        info!(
+            "socket-activated: serving {} inherited listener(s)",
+            inherited.len()
+        );
+        share_all(inherited, threads)?
+    };
+    let metrics = match cli.metrics {
+        Some(addr) => Some(bind_all(&[addr], threads)?),
+        None => None,
+    };
+    announce(&echo[0], "Echoing on")?;
+    if let Some(m) = &metrics {
+        announce(&m[0], "Metrics on")?;
     }
-    stdout.flush().map_err(|e| format!("stdout: {e}"))?;
-    drop(stdout);
 
     let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
     let exited = Arc::new(Waker::new(poll.registry(), LOOP_EXITED).map_err(|e| e.to_string())?);
-    let live = Arc::new(AtomicUsize::new(0));
+    let shared = Shared {
+        cfg: cfg.clone(),
+        counters: (0..threads).map(|_| Arc::new(Counters::new())).collect(),
+        live: Arc::new(AtomicUsize::new(0)),
+    };
     let mut handles: Vec<ShutdownHandle> = Vec::new();
-    let mut threads_running = Vec::new();
-    for (i, listeners) in per_loop.into_iter().enumerate() {
-        let counters = Arc::new(Counters::new());
-        let event_loop = EventLoop::new(cfg.clone(), listeners, counters, live.clone())
+    let mut running = Vec::new();
+    let mut metrics_per_loop = metrics.map(|m| m.into_iter().map(|mut l| l.remove(0)));
+    for (i, listeners) in echo.into_iter().enumerate() {
+        let metrics_listener = metrics_per_loop.as_mut().and_then(Iterator::next);
+        let event_loop = EventLoop::new(shared.clone(), i, listeners, metrics_listener)
             .map_err(|e| format!("event loop: {e}"))?;
         handles.push(event_loop.shutdown_handle());
         let exited = exited.clone();
@@ -101,8 +111,9 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
                 result
             })
             .map_err(|e| format!("thread: {e}"))?;
-        threads_running.push(t);
+        running.push(t);
     }
+    notify(NotifyState::Ready);
 
     let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("signals: {e}"))?;
     poll.registry()
@@ -110,7 +121,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         .map_err(|e| format!("signals: {e}"))?;
     let mut events = Events::with_capacity(8);
     let mut stopping = false;
-    while !threads_running.iter().all(|t| t.is_finished()) {
+    while !running.iter().all(|t| t.is_finished()) {
         if let Err(e) = poll.poll(&mut events, None) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
@@ -128,12 +139,13 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
                 }
                 info!("signal {signal}: graceful shutdown");
                 stopping = true;
+                notify(NotifyState::Stopping);
                 handles.iter().for_each(ShutdownHandle::shutdown);
             }
         }
     }
     let mut code = ExitCode::SUCCESS;
-    for t in threads_running {
+    for t in running {
         match t.join() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -146,13 +158,52 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
             }
         }
     }
-    if !stopping {
-        code = ExitCode::from(1);
-    }
     Ok(code)
 }
 
-/// Descriptors the process needs besides connections.
-fn cfg_reserve(cli: &Cli) -> usize {
-    cli.listen.len() + echoloop::config::FD_RESERVE
+/// Binds every address once per loop: `result[loop][address]`. With several
+/// loops each gets its own `SO_REUSEPORT` socket; port 0 is resolved by the
+/// first bind and reused by the others.
+fn bind_all(addrs: &[SocketAddr], threads: usize) -> Result<Vec<Vec<TcpListener>>, String> {
+    let mut per_loop: Vec<Vec<TcpListener>> = (0..threads).map(|_| Vec::new()).collect();
+    for requested in addrs {
+        let mut addr = *requested;
+        for listeners in per_loop.iter_mut() {
+            let l = listener::bind(addr, threads > 1)
+                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            addr = l.local_addr().map_err(|e| format!("{requested}: {e}"))?;
+            listeners.push(l);
+        }
+    }
+    Ok(per_loop)
+}
+
+/// Socket activation: every loop accepts on (a duplicate of) each inherited
+/// listener; the kernel hands each connection to one of them.
+fn share_all(inherited: Vec<TcpListener>, threads: usize) -> Result<Vec<Vec<TcpListener>>, String> {
+    (0..threads)
+        .map(|_| {
+            inherited
+                .iter()
+                .map(|l| l.try_clone().map_err(|e| format!("inherited socket: {e}")))
+                .collect()
+        })
+        .collect()
+}
+
+/// Prints `<what> ADDR` per listener to stdout, flushed (SPEC §3).
+fn announce(listeners: &[TcpListener], what: &str) -> Result<(), String> {
+    let mut out = io::stdout().lock();
+    for l in listeners {
+        let addr = l.local_addr().map_err(|e| format!("listener: {e}"))?;
+        writeln!(out, "{what} {addr}").map_err(|e| format!("stdout: {e}"))?;
+    }
+    out.flush().map_err(|e| format!("stdout: {e}"))
+}
+
+/// Tells systemd (when `NOTIFY_SOCKET` is set) where the service is.
+fn notify(state: NotifyState) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        warn!("sd_notify: {e}");
+    }
 }
