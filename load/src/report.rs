@@ -201,21 +201,25 @@ impl Report {
             let _ = writeln!(s, "  held idle           {h:.2} s");
         }
         if let Some(srv) = &self.server {
-            let _ = writeln!(
-                s,
-                "  server {:<12} cpu {} s, {} us/reply, {} us/conn",
-                srv.pid,
-                opt(srv.cpu_secs.map(|v| format!("{v:.3}"))),
-                opt(srv.cpu_us_per_reply.map(|v| format!("{v:.3}"))),
-                opt(srv.cpu_us_per_conn.map(|v| format!("{v:.2}")))
-            );
-            let _ = writeln!(
-                s,
-                "  server rss          before {}, after open {}, {} bytes/conn",
-                mib(srv.rss_before_bytes),
-                mib(srv.rss_after_open_bytes),
-                opt(srv.rss_growth_per_conn_bytes.map(|v| format!("{v:.0}")))
-            );
+            if srv.cpu_secs.is_some() {
+                let _ = writeln!(
+                    s,
+                    "  server {:<12} cpu {} s, {} us/reply, {} us/conn",
+                    srv.pid,
+                    opt(srv.cpu_secs.map(|v| format!("{v:.3}"))),
+                    opt(srv.cpu_us_per_reply.map(|v| format!("{v:.3}"))),
+                    opt(srv.cpu_us_per_conn.map(|v| format!("{v:.2}")))
+                );
+            }
+            if srv.rss_before_bytes.is_some() {
+                let _ = writeln!(
+                    s,
+                    "  server rss          before {}, after open {}, {} bytes/conn",
+                    mib(srv.rss_before_bytes),
+                    mib(srv.rss_after_open_bytes),
+                    opt(srv.rss_growth_per_conn_bytes.map(|v| format!("{v:.0}")))
+                );
+            }
             if let Some(w) = srv.wakeups_per_sec {
                 let _ = writeln!(s, "  server wakeups/s    {w:.2}");
             }
