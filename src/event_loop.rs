@@ -149,8 +149,9 @@ struct Slot {
     timer_tick: Option<u64>,
     /// On the ready list already.
     queued: bool,
-    /// An echo client (counted in the metrics), not a metrics client.
-    counted: bool,
+    /// An echo client (counted in the metrics and against the cap), not a
+    /// metrics client.
+    echo: bool,
 }
 
 /// One single-threaded event loop. Build it with [`EventLoop::new`], take a
@@ -193,6 +194,8 @@ pub struct EventLoop {
     live: Arc<AtomicUsize>,
     /// Wakes the loop from another thread.
     waker: Arc<Waker>,
+    /// This loop's number, for logs.
+    index: usize,
 }
 
 impl EventLoop {
@@ -237,6 +240,7 @@ impl EventLoop {
             shutdown_requested: Arc::new(AtomicBool::new(false)),
             shutdown_deadline: None,
             counters: all_counters[index].clone(),
+            index,
             all_counters,
             live,
             waker,
@@ -384,10 +388,16 @@ impl EventLoop {
         let mut slot = self.conns.remove(id.key as usize);
         let _ = self.poll.registry().deregister(&mut slot.socket);
         debug!("{}: closed ({})", slot.conn.peer(), reason.as_str());
-        if slot.counted {
+        self.release(slot.echo, reason);
+    }
+
+    /// Counts a closed connection in the metrics and frees its place
+    /// under the cap (echo clients only).
+    fn release(&self, echo: bool, reason: CloseReason) {
+        if echo {
             self.counters.closed(reason);
+            self.live.fetch_sub(1, Ordering::Relaxed);
         }
-        self.live.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Serves the connections whose budget ran out last turn.
@@ -490,19 +500,23 @@ impl EventLoop {
         kind: Kind,
         now: Instant,
     ) {
-        let counted = kind == Kind::Echo;
-        if counted {
+        let echo = kind == Kind::Echo;
+        if echo {
+            // Only echo clients count against --max-connections: a metrics
+            // scrape must still work when the server is full.
             self.counters.accepted();
-        }
-        let live = self.live.fetch_add(1, Ordering::Relaxed);
-        let entry = self.conns.vacant_entry();
-        let key = u32::try_from(entry.key()).ok();
-        let (true, Some(key)) = (live < self.cfg.max_connections, key) else {
-            self.live.fetch_sub(1, Ordering::Relaxed);
-            if counted {
+            if self.live.fetch_add(1, Ordering::Relaxed) >= self.cfg.max_connections {
+                self.live.fetch_sub(1, Ordering::Relaxed);
                 turn_away(stream, peer);
                 self.counters.closed(CloseReason::Busy);
+                return;
             }
+        }
+        let entry = self.conns.vacant_entry();
+        // Slab keys stay far below u32::MAX (the descriptor limit bounds
+        // them), but a token must never be ambiguous.
+        let Ok(key) = u32::try_from(entry.key()) else {
+            self.release(echo, CloseReason::Error);
             return;
         };
         let id = ConnId {
@@ -517,13 +531,10 @@ impl EventLoop {
             .register(&mut stream, id.token(), Interest::READABLE)
         {
             warn!("{peer}: register failed: {e}");
-            self.live.fetch_sub(1, Ordering::Relaxed);
-            if counted {
-                self.counters.closed(CloseReason::Error);
-            }
+            self.release(echo, CloseReason::Error);
             return;
         }
-        debug!("{peer}: accepted");
+        debug!("{peer}: accepted by loop {}", self.index);
         let conn = match kind {
             Kind::Echo => Conn::new(peer, now, &self.cfg),
             Kind::Metrics => Conn::new_metrics(peer, now),
@@ -531,7 +542,7 @@ impl EventLoop {
         entry.insert(Slot {
             socket: stream,
             conn,
-            counted,
+            echo,
             generation: id.generation,
             registered: Want::Read,
             timer_tick: None,
@@ -592,12 +603,10 @@ impl EventLoop {
                 self.conns.len()
             );
         }
-        for mut slot in self.conns.drain() {
+        let mut conns = std::mem::take(&mut self.conns);
+        for mut slot in conns.drain() {
             let _ = self.poll.registry().deregister(&mut slot.socket);
-            if slot.counted {
-                self.counters.closed(CloseReason::Shutdown);
-            }
-            self.live.fetch_sub(1, Ordering::Relaxed);
+            self.release(slot.echo, CloseReason::Shutdown);
         }
         self.publish_tally();
     }

@@ -16,6 +16,8 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Server {
     pub child: Child,
     pub addrs: Vec<SocketAddr>,
+    /// The `Metrics on ADDR` listener, when started with `--metrics`.
+    pub metrics: Option<SocketAddr>,
     pub stderr: Arc<Mutex<String>>,
 }
 
@@ -27,9 +29,38 @@ impl Server {
         Server::start_raw(&full, 1)
     }
 
-    /// Starts `echoloop <args>` and waits for `listeners` startup lines.
-    pub fn start_raw(args: &[&str], listeners: usize) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_echoloop"))
+    /// Starts `echoloop <args>` and waits for `lines` startup lines
+    /// (`Echoing on ADDR` or `Metrics on ADDR`).
+    pub fn start_raw(args: &[&str], lines: usize) -> Server {
+        Server::start_cmd(Command::new(env!("CARGO_BIN_EXE_echoloop")), args, lines)
+    }
+
+    /// Like [`Server::start`], with the open-file limit of the server
+    /// process set to `nofile` (soft and hard) before it starts.
+    pub fn start_with_nofile(args: &[&str], nofile: u64) -> Server {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_echoloop"));
+        // SAFETY: setrlimit is async-signal-safe and touches no memory of
+        // the parent.
+        unsafe {
+            cmd.pre_exec(move || {
+                let lim = libc::rlimit {
+                    rlim_cur: nofile,
+                    rlim_max: nofile,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut full = vec!["--listen", "127.0.0.1:0"];
+        full.extend_from_slice(args);
+        Server::start_cmd(cmd, &full, 1)
+    }
+
+    fn start_cmd(mut cmd: Command, args: &[&str], lines: usize) -> Server {
+        let mut child = cmd
             .args(args)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
@@ -50,18 +81,23 @@ impl Server {
         });
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut addrs = Vec::new();
-        for _ in 0..listeners {
+        let mut metrics = None;
+        for _ in 0..lines {
             let mut line = String::new();
             out.read_line(&mut line).expect("read startup line");
-            let addr = line
-                .trim()
-                .strip_prefix("Echoing on ")
-                .unwrap_or_else(|| panic!("unexpected startup line {line:?}"));
-            addrs.push(addr.parse().unwrap());
+            let line = line.trim();
+            if let Some(addr) = line.strip_prefix("Echoing on ") {
+                addrs.push(addr.parse().unwrap());
+            } else if let Some(addr) = line.strip_prefix("Metrics on ") {
+                metrics = Some(addr.parse().unwrap());
+            } else {
+                panic!("unexpected startup line {line:?}");
+            }
         }
         Server {
             child,
             addrs,
+            metrics,
             stderr,
         }
     }
