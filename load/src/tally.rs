@@ -105,7 +105,10 @@ pub struct Tally {
     /// Replies checked correct that arrived inside the measured window.
     pub window_replies: u64,
     /// Latency (send of a line to arrival of its full reply) of the replies
-    /// in the measured window (in `connect` mode: of every exchange).
+    /// in the measured window (in `connect` mode: of every exchange). Both
+    /// ends are the clock read once per loop turn, right after `poll`
+    /// returns: the send time is that of the turn that queued and wrote the
+    /// line, so a busy turn makes latencies longer, never shorter.
     pub latency: Histogram<u64>,
     /// Connections attempted.
     pub connects_attempted: u64,

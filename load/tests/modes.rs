@@ -206,7 +206,14 @@ fn example(name: &str) -> PathBuf {
 
 /// Starts a peer server on port 0 and reads its `Echoing on ADDR` line.
 fn peer(name: &str, raw: bool) -> (Child, std::net::SocketAddr) {
-    let mut cmd = Command::new(example(name));
+    let path = example(name);
+    assert!(
+        path.exists(),
+        "{} is missing: a whole `cargo test -p echoloop-load` builds the examples \
+         (a run filtered with --test does not; `cargo build -p echoloop-load --examples` does)",
+        path.display()
+    );
+    let mut cmd = Command::new(path);
     if raw {
         cmd.arg("--raw");
     }
