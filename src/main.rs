@@ -23,7 +23,7 @@ use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 
 const SIGNALS: Token = Token(0);
@@ -61,6 +61,9 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
             std::env::remove_var(var);
         }
     }
+    // Handlers first: a signal that comes once `Echoing on` is printed
+    // must find them installed.
+    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("signals: {e}"))?;
     let fd_limit = listener::raise_fd_limit().map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
     let cfg = Arc::new(Config::from_cli(cli, fd_limit));
     let threads = cfg.threads;
@@ -89,6 +92,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
 
     let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
     let exited = Arc::new(Waker::new(poll.registry(), LOOP_EXITED).map_err(|e| e.to_string())?);
+    let finished = Arc::new(AtomicUsize::new(0));
     let shared = Shared {
         cfg: cfg.clone(),
         counters: (0..threads).map(|_| Arc::new(Counters::new())).collect(),
@@ -102,11 +106,13 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         let event_loop = EventLoop::new(shared.clone(), i, listeners, metrics_listener)
             .map_err(|e| format!("event loop: {e}"))?;
         handles.push(event_loop.shutdown_handle());
-        let exited = exited.clone();
+        let (exited, finished) = (exited.clone(), finished.clone());
         let t = thread::Builder::new()
             .name(format!("loop-{i}"))
             .spawn(move || {
                 let result = event_loop.run();
+                // Counted before the wake, so the main thread never misses it.
+                finished.fetch_add(1, Ordering::SeqCst);
                 let _ = exited.wake();
                 result
             })
@@ -115,13 +121,12 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
     }
     notify(NotifyState::Ready);
 
-    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("signals: {e}"))?;
     poll.registry()
         .register(&mut signals, SIGNALS, Interest::READABLE)
         .map_err(|e| format!("signals: {e}"))?;
     let mut events = Events::with_capacity(8);
     let mut stopping = false;
-    while !running.iter().all(|t| t.is_finished()) {
+    while finished.load(Ordering::SeqCst) < running.len() {
         if let Err(e) = poll.poll(&mut events, None) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;

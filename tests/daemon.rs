@@ -118,6 +118,17 @@ fn sigterm_flushes_every_reply_then_closes_and_exits_0() {
 }
 
 #[test]
+fn sigterm_on_an_idle_server_exits_0_promptly() {
+    // Several times: a lost wake-up between the loop threads and the main
+    // thread shows up only now and then.
+    for _ in 0..5 {
+        let mut server = Server::start(&["--threads", "2"]);
+        server.signal(libc::SIGTERM);
+        assert_eq!(server.wait_exit(Duration::from_secs(3)), Some(0));
+    }
+}
+
+#[test]
 fn shutdown_timeout_drops_clients_that_do_not_read() {
     let mut server = Server::start(&["--shutdown-timeout", "500ms"]);
     let c = server.connect();
