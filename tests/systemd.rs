@@ -1,0 +1,343 @@
+//! systemd integration, black-box against the real binary: socket
+//! activation (`LISTEN_PID`/`LISTEN_FDS`, the socket on fd 3) and readiness
+//! notification (`READY=1` and `STOPPING=1` datagrams to `NOTIFY_SOCKET`).
+//!
+//! The activated process is started through
+//! `sh -c 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$@"'` so that `LISTEN_PID`
+//! names the pid echoloop runs as, exactly as systemd sets it.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// A running echoloop started by this file's own helpers; killed when
+/// dropped.
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    /// Spawns `cmd` (made by [`command`]) with stdout and stderr piped and
+    /// reads its first `Echoing on ADDR` line.
+    fn spawn(mut cmd: Command) -> Daemon {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start echoloop");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let err_pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(err_pipe).lines() {
+                let Ok(line) = line else { break };
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).expect("read startup line");
+        let Some(addr) = line.trim().strip_prefix("Echoing on ") else {
+            let _ = child.kill();
+            let _ = child.wait();
+            thread::sleep(Duration::from_millis(100));
+            panic!(
+                "unexpected startup line {line:?}; stderr:\n{}",
+                stderr.lock().unwrap()
+            );
+        };
+        let addr = addr.parse().expect("address in the startup line");
+        Daemon {
+            child,
+            addr,
+            stderr,
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on the PID of our own, not yet reaped, child.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                start.elapsed() < within,
+                "echoloop did not exit; stderr:\n{}",
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `program` with `RUST_LOG=debug` and none of the systemd variables the
+/// test process itself may have inherited.
+fn command(program: &str) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env("RUST_LOG", "debug");
+    for var in [
+        "LISTEN_PID",
+        "LISTEN_FDS",
+        "LISTEN_FDNAMES",
+        "NOTIFY_SOCKET",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// A command that runs echoloop with `listener` as its fd 3, `LISTEN_FDS=1`
+/// and `LISTEN_PID` set to the pid echoloop itself will run as (`sh`
+/// execs it, keeping the pid).
+fn activated(listener: &TcpListener, args: &[&str]) -> Command {
+    let mut cmd = command("sh");
+    cmd.arg("-c")
+        .arg(r#"LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$@""#)
+        .arg(env!("CARGO_BIN_EXE_echoloop"))
+        .args(args);
+    with_fd3(&mut cmd, listener);
+    cmd
+}
+
+/// Makes `listener` the child's fd 3, open across exec.
+fn with_fd3(cmd: &mut Command, listener: &TcpListener) {
+    let fd = listener.as_raw_fd();
+    // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and
+    // exec, on a descriptor that stays open in the parent until spawn
+    // returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == 3 {
+                // dup2 onto itself would keep FD_CLOEXEC: clear it.
+                if libc::fcntl(3, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, 3) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A unique path in the temp dir, removed again when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(what: &str) -> TempDir {
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "echoloop-{what}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Receives datagrams until one contains `wanted`; returns every datagram
+/// seen. Panics after `within`.
+fn recv_until(
+    sock: &UnixDatagram,
+    wanted: &str,
+    within: Duration,
+    seen: &mut Vec<String>,
+    daemon: &mut Daemon,
+) {
+    let start = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = within.saturating_sub(start.elapsed());
+        assert!(
+            !left.is_zero(),
+            "no datagram with {wanted:?} within {within:?}; got {seen:?}; \
+             echoloop exit status {:?}; stderr:\n{}",
+            daemon.child.try_wait(),
+            daemon.stderr()
+        );
+        sock.set_read_timeout(Some(left)).unwrap();
+        match sock.recv(&mut buf) {
+            Ok(n) => {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let found = msg.lines().any(|l| l == wanted);
+                seen.push(msg);
+                if found {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => panic!("recv on NOTIFY_SOCKET: {e}"),
+        }
+    }
+}
+
+#[test]
+fn serves_on_the_socket_systemd_passes() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let daemon = Daemon::spawn(activated(&listener, &[]));
+    // From here on only echoloop holds the socket: if it had not taken it,
+    // connections would be refused.
+    drop(listener);
+    assert_eq!(
+        daemon.addr,
+        addr,
+        "the startup line must name the inherited socket; stderr:\n{}",
+        daemon.stderr()
+    );
+    for _ in 0..3 {
+        let mut c = connect(addr);
+        exchange(&mut c, b"x\n", &said(b"x"));
+    }
+}
+
+#[test]
+fn activation_for_another_pid_is_ignored() {
+    // sd_listen_fds(3): when LISTEN_PID names another process the variables
+    // were not meant for this one, so `--listen` is bound as usual.
+    let decoy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let decoy_addr = decoy.local_addr().unwrap();
+    let mut cmd = command(env!("CARGO_BIN_EXE_echoloop"));
+    cmd.args(["--listen", "127.0.0.1:0"])
+        .env("LISTEN_PID", "1")
+        .env("LISTEN_FDS", "1");
+    with_fd3(&mut cmd, &decoy);
+    let daemon = Daemon::spawn(cmd);
+    drop(decoy);
+    assert_ne!(daemon.addr, decoy_addr, "took a socket meant for pid 1");
+    let mut c = connect(daemon.addr);
+    exchange(&mut c, b"x\n", &said(b"x"));
+}
+
+#[test]
+fn notifies_ready_and_stopping() {
+    let dir = TempDir::new("notify");
+    let path = dir.0.join("notify.sock");
+    let sock = UnixDatagram::bind(&path).expect("bind NOTIFY_SOCKET");
+    let mut cmd = command(env!("CARGO_BIN_EXE_echoloop"));
+    cmd.args(["--listen", "127.0.0.1:0"])
+        .env("NOTIFY_SOCKET", &path);
+    let mut daemon = Daemon::spawn(cmd);
+
+    let mut seen = Vec::new();
+    recv_until(
+        &sock,
+        "READY=1",
+        Duration::from_secs(10),
+        &mut seen,
+        &mut daemon,
+    );
+    assert!(
+        !seen.iter().any(|m| m.contains("STOPPING=1")),
+        "STOPPING before READY: {seen:?}"
+    );
+    // Ready means listening.
+    let mut c = connect(daemon.addr);
+    exchange(&mut c, b"ready?\n", &said(b"ready?"));
+    drop(c);
+
+    daemon.signal(libc::SIGTERM);
+    let mut after = Vec::new();
+    recv_until(
+        &sock,
+        "STOPPING=1",
+        Duration::from_secs(10),
+        &mut after,
+        &mut daemon,
+    );
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "stderr:\n{}",
+        daemon.stderr()
+    );
+}
+
+#[test]
+fn activated_and_notifying_together() {
+    // What the contrib units do: the socket comes from systemd and the
+    // service is Type=notify.
+    let dir = TempDir::new("notify-activated");
+    let path = dir.0.join("notify.sock");
+    let sock = UnixDatagram::bind(&path).expect("bind NOTIFY_SOCKET");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut cmd = activated(&listener, &[]);
+    cmd.env("NOTIFY_SOCKET", &path);
+    let mut daemon = Daemon::spawn(cmd);
+    drop(listener);
+    assert_eq!(daemon.addr, addr);
+
+    let mut seen = Vec::new();
+    recv_until(
+        &sock,
+        "READY=1",
+        Duration::from_secs(10),
+        &mut seen,
+        &mut daemon,
+    );
+    let mut c = connect(addr);
+    exchange(&mut c, b"x\n", &said(b"x"));
+
+    daemon.signal(libc::SIGTERM);
+    recv_until(
+        &sock,
+        "STOPPING=1",
+        Duration::from_secs(10),
+        &mut seen,
+        &mut daemon,
+    );
+    // The open, quiet client is closed by the shutdown.
+    wait_closed(&mut c);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(15)), Some(0));
+}
