@@ -25,7 +25,7 @@
 //! - Both buffers are released when empty: an idle connection owns no heap.
 //! - Only a completed line moves `last_line` (slowloris: trickled bytes do
 //!   not keep a connection alive).
-//! - [`Conn::set_state`] is the only writer of `state`, and logs each change.
+//! - `Conn::set_state` is the only writer of `state`, and logs each change.
 
 use crate::config::Config;
 use crate::line::{self, Stop};

@@ -18,7 +18,7 @@
 //! - [`conn`]: one connection as a state machine with no socket of its own
 //!   ("sans-IO"): it is handed something to read and write and the time,
 //!   and answers what it wants next.
-//! - [`line`]: pure framing and reply building, property tested.
+//! - [`line`](mod@line): pure framing and reply building, property tested.
 //! - [`timer`]: deadlines on a hashed timer wheel in coarse ticks.
 //! - [`metrics`]: per-loop counters, the Prometheus text, the close reasons.
 //! - [`proxy`]: pure PROXY protocol v1/v2 header parsing.
@@ -54,6 +54,8 @@
 //!
 //! | state | reads | writes | leaves when |
 //! |---|---|---|---|
+//! | `ProxyHeader` | the header only | — | header parsed → `Open` (bytes after it are lines); invalid, EOF or `--proxy-header-timeout` → close (`error`) |
+//! | `Request` | an HTTP head | — | complete → the `/metrics` page (or 404/400) queued, `Flushing` |
 //! | `Open` | yes, per budget | replies | EOF → `Flushing(Eof)`; too long → `Flushing(TooLong)`; backlog full → `Paused` |
 //! | `Paused` | no | backlog | backlog < half → `Open` (buffered lines answered at once) |
 //! | `Flushing(reason)` | no | backlog | backlog empty → close (EOF) or `Lingering` |
@@ -65,14 +67,17 @@
 //!
 //! ## Where each SPEC rule lives
 //!
-//! - §1 framing, CRLF, opaque bytes, max-line: [`line`].
+//! - §1 framing, CRLF, opaque bytes, max-line: [`line`](mod@line).
 //! - §1 EOF, error line then lingering close: [`conn`] (`end_of_input`,
 //!   `too_long`, `finish`).
 //! - §2 idle timeout: [`conn::Conn::deadline`] + [`timer`]; slow readers:
 //!   `State::Paused`; fairness: the read budget and the ready list in
 //!   [`event_loop`]; reset: `CloseReason::Reset`.
-//! - §3 limits, `EMFILE` pause, shutdown: [`event_loop`]; options:
-//!   [`config`]; binding and `RLIMIT_NOFILE`: [`listener`].
+//! - §3 limits, `EMFILE` pause, shutdown, several loops: [`event_loop`]
+//!   (`admit`, `accept`, `begin_shutdown`); options: [`config`]; binding,
+//!   `RLIMIT_NOFILE`, systemd sockets: [`listener`]; signals, threads and
+//!   `sd_notify`: `main.rs`; metrics: [`metrics`] plus the `Request` state;
+//!   PROXY protocol: [`proxy`] plus the `ProxyHeader` state.
 
 pub mod config;
 pub mod conn;
