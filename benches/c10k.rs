@@ -121,6 +121,8 @@ const PAUSE: Duration = Duration::from_secs(1);
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Load average (1 min) above which the machine counts as busy.
 const BUSY_LOAD: f64 = 0.5;
+/// How long to wait at most for the load average to fall after the build.
+const SETTLE: Duration = Duration::from_secs(60);
 
 /// The figures of one load generator run (from its JSON report).
 #[derive(Clone, Default)]
@@ -135,6 +137,10 @@ struct Sample {
     cpu_us_per_conn: Option<f64>,
     rss_growth_per_conn: Option<f64>,
     wakeups_per_sec: Option<f64>,
+    /// The load generator's CPU time over its whole run (connecting,
+    /// warm-up, window, grace) divided by that run's wall time: near 100%
+    /// means the generator, not the server, may be the bottleneck.
+    load_busy_pct: Option<f64>,
     errors: u64,
     /// The non-zero error counters, `name=count`, for the report.
     error_detail: String,
@@ -260,6 +266,7 @@ fn run_load(scenario: &Scenario, addr: &str, pid: u32, secs: &str, pinning: &Pin
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    let cpu_before = children_cpu_secs();
     let mut load = Proc {
         child: cmd.spawn().expect("start echoloop-load"),
     };
@@ -292,12 +299,27 @@ fn run_load(scenario: &Scenario, addr: &str, pid: u32, secs: &str, pinning: &Pin
         panic!("echoloop-load ({status}) gave no JSON report: {e}\nstdout: {out}\nstderr: {err}")
     });
     let mut sample = parse_report(&report);
+    // The load generator is the only child reaped since `cpu_before`.
+    let busy = (children_cpu_secs() - cpu_before) / started.elapsed().as_secs_f64();
+    sample.load_busy_pct = Some(busy * 100.0);
     if !status.success() && sample.errors == 0 {
         // A failure the counters do not show still counts as an error.
         sample.errors = 1;
         sample.error_detail = format!("exit {status}: {}", err.trim());
     }
     sample
+}
+
+/// CPU seconds (user + system) of all the children reaped so far.
+fn children_cpu_secs() -> f64 {
+    // SAFETY: `getrusage` only writes into the zeroed struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 /// The figures of one JSON report.
@@ -323,6 +345,7 @@ fn parse_report(r: &Value) -> Sample {
         cpu_us_per_conn: f(&server["cpu_us_per_conn"]),
         rss_growth_per_conn: f(&server["rss_growth_per_conn_bytes"]),
         wakeups_per_sec: f(&server["wakeups_per_sec"]),
+        load_busy_pct: None,
         errors: r["errors"]["total"].as_u64().unwrap_or(1),
         error_detail: error_detail.trim().to_string(),
     }
@@ -355,6 +378,7 @@ struct Summary {
     cpu_us_per_conn: Option<f64>,
     rss_growth_per_conn: Option<f64>,
     wakeups_per_sec: Option<f64>,
+    load_busy_pct: Option<f64>,
     errors: u64,
 }
 
@@ -377,6 +401,7 @@ fn summarize(samples: &[Sample]) -> Summary {
         cpu_us_per_conn: m(|s| s.cpu_us_per_conn),
         rss_growth_per_conn: m(|s| s.rss_growth_per_conn),
         wakeups_per_sec: m(|s| s.wakeups_per_sec),
+        load_busy_pct: m(|s| s.load_busy_pct),
         errors: samples.iter().map(|s| s.errors).sum(),
     }
 }
@@ -485,6 +510,12 @@ fn table_rows(summaries: &[[Summary; 3]]) -> (Vec<Row>, bool) {
                 rows.push(Row::new(name, "latency p50 µs", s, |s| s.latency[0]));
                 rows.push(Row::new(name, "latency p99 µs", s, |s| s.latency[1]));
                 let cpu = |s: &Summary| s.cpu_us_per_reply;
+                rows.push(Row::new(name, "server core busy %", s, |s| {
+                    Some(s.cpu_us_per_reply? * s.replies_per_sec? / 1e4)
+                }));
+                rows.push(Row::new(name, "load gen core busy %", s, |s| {
+                    s.load_busy_pct
+                }));
                 let mut row = Row::new(name, "server CPU µs/reply", s, cpu).with_ratios(s, cpu);
                 let (el, idiomatic, tuned) = (cpu(&s[0]), cpu(&s[1]), cpu(&s[2]));
                 if scenario.args.contains(&"10000") {
@@ -506,6 +537,12 @@ fn table_rows(summaries: &[[Summary; 3]]) -> (Vec<Row>, bool) {
                     s.connect_latency[1]
                 }));
                 let cpu = |s: &Summary| s.cpu_us_per_conn;
+                rows.push(Row::new(name, "server core busy %", s, |s| {
+                    Some(s.cpu_us_per_conn? * s.connects_per_sec? / 1e4)
+                }));
+                rows.push(Row::new(name, "load gen core busy %", s, |s| {
+                    s.load_busy_pct
+                }));
                 let mut row = Row::new(name, "server CPU µs/conn", s, cpu).with_ratios(s, cpu);
                 let r = ratio(cpu(&s[0]), cpu(&s[2]));
                 target(&mut row, verdict(r, 1.0, "vs tuned", "×"));
@@ -533,8 +570,13 @@ fn table_rows(summaries: &[[Summary; 3]]) -> (Vec<Row>, bool) {
         vs_tuned: String::new(),
         target: String::new(),
     };
-    let total = errors.iter().sum::<u64>() as f64;
-    target(&mut row, verdict(Some(total), 0.0, "all servers", ""));
+    let total: u64 = errors.iter().sum();
+    let text = if total == 0 {
+        "zero in every run: **met**".to_string()
+    } else {
+        format!("zero in every run: **MISSED** ({total} errors, see the notes)")
+    };
+    target(&mut row, (text, total == 0));
     rows.push(row);
     (rows, all_met)
 }
@@ -563,6 +605,29 @@ fn render_table(rows: &[Row]) -> String {
         );
     }
     t
+}
+
+/// The share of all cores' time that was not idle over `span`, in percent
+/// (from the `cpu` line of `/proc/stat`).
+fn cpu_busy_pct(span: Duration) -> Option<f64> {
+    let read = || -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal ...
+        let idle = fields.get(3)? + fields.get(4).unwrap_or(&0);
+        Some((fields.iter().sum(), idle))
+    };
+    let (total0, idle0) = read()?;
+    std::thread::sleep(span);
+    let (total1, idle1) = read()?;
+    let total = total1.saturating_sub(total0).max(1) as f64;
+    Some(100.0 * (1.0 - idle1.saturating_sub(idle0) as f64 / total))
 }
 
 /// The 1-minute load average.
@@ -596,7 +661,7 @@ fn machine() -> String {
 }
 
 /// The latency chart: one panel per traffic scenario, p50/p99/p99.9 on a
-/// log scale, one line per server.
+/// linear scale from 0, one line per server.
 fn draw_chart(path: &Path, summaries: &[[Summary; 3]]) -> Result<(), Box<dyn std::error::Error>> {
     let panels: Vec<(String, [[f64; 3]; 3])> = SCENARIOS
         .iter()
@@ -610,7 +675,7 @@ fn draw_chart(path: &Path, summaries: &[[Summary; 3]]) -> Result<(), Box<dyn std
                 } else {
                     s[i].latency
                 };
-                l.map(|v| v.unwrap_or(0.0).max(1.0))
+                l.map(|v| v.unwrap_or(0.0))
             });
             let title = if connect {
                 format!("{} (connect latency)", sc.name)
@@ -623,7 +688,7 @@ fn draw_chart(path: &Path, summaries: &[[Summary; 3]]) -> Result<(), Box<dyn std
     let root = SVGBackend::new(path, (1000, 760)).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root.titled(
-        "Latency percentiles, µs (log scale), medians",
+        "Latency percentiles in µs, medians over the rounds",
         ("sans-serif", 22),
     )?;
     let colors = [
@@ -631,16 +696,25 @@ fn draw_chart(path: &Path, summaries: &[[Summary; 3]]) -> Result<(), Box<dyn std
         RGBColor(31, 119, 180),
         RGBColor(44, 160, 44),
     ];
+    // One legend for all panels, in a strip under the title.
+    let (legend, body) = root.split_vertically(30);
+    for (i, (server, color)) in SERVERS.iter().zip(colors).enumerate() {
+        let x = 300 + 170 * i as i32;
+        legend.draw(&PathElement::new(
+            [(x, 15), (x + 24, 15)],
+            color.stroke_width(3),
+        ))?;
+        legend.draw(&Text::new(server.name, (x + 30, 8), ("sans-serif", 15)))?;
+    }
     let labels = ["p50", "p99", "p99.9"];
-    for (area, (title, values)) in root.split_evenly((2, 2)).iter().zip(&panels) {
-        let lo = values.iter().flatten().copied().fold(f64::MAX, f64::min) / 1.5;
-        let hi = values.iter().flatten().copied().fold(1.0, f64::max) * 1.5;
+    for (area, (title, values)) in body.split_evenly((2, 2)).iter().zip(&panels) {
+        let hi = values.iter().flatten().copied().fold(1.0, f64::max) * 1.1;
         let mut chart = ChartBuilder::on(area)
             .caption(title, ("sans-serif", 16))
             .margin(12)
             .x_label_area_size(28)
             .y_label_area_size(60)
-            .build_cartesian_2d((0u32..3u32).into_segmented(), (lo..hi).log_scale())?;
+            .build_cartesian_2d((0u32..2u32).into_segmented(), 0.0..hi)?;
         chart
             .configure_mesh()
             .disable_x_mesh()
@@ -648,30 +722,20 @@ fn draw_chart(path: &Path, summaries: &[[Summary; 3]]) -> Result<(), Box<dyn std
                 SegmentValue::CenterOf(i) => labels.get(*i as usize).unwrap_or(&"").to_string(),
                 _ => String::new(),
             })
-            .y_label_formatter(&|v| format!("{v:.0}"))
+            .y_labels(8)
+            .y_label_formatter(&|v| if *v == 0.0 { "0".into() } else { num(Some(*v)) })
             .draw()?;
-        for ((server, color), series) in SERVERS.iter().zip(colors).zip(values) {
+        for (color, series) in colors.into_iter().zip(values) {
             let points: Vec<_> = (0u32..3)
                 .map(|i| (SegmentValue::CenterOf(i), series[i as usize]))
                 .collect();
-            chart
-                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
-                .label(server.name)
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 18, y)], color.stroke_width(2))
-                });
+            chart.draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?;
             chart.draw_series(
                 points
                     .into_iter()
                     .map(|p| Circle::new(p, 3, color.filled())),
             )?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
     }
     root.present()?;
     Ok(())
@@ -713,11 +777,23 @@ fn main() -> ExitCode {
             "Servers pinned to core 0, the load generator to core 1 (`taskset -c`).".to_string(),
         );
     }
+    // The build just raised the load average: give it a bounded time to
+    // fall while the CPU is really idle, then judge.
+    let settle_until = Instant::now() + SETTLE;
+    while load_average().is_some_and(|l| l > BUSY_LOAD)
+        && cpu_busy_pct(Duration::from_secs(1)).is_some_and(|b| b < 10.0)
+        && Instant::now() < settle_until
+    {
+        std::thread::sleep(Duration::from_secs(4));
+    }
     let load_before = load_average();
+    let busy_before = cpu_busy_pct(Duration::from_secs(1));
     if let Some(load) = load_before.filter(|&l| l > BUSY_LOAD) {
+        let busy = busy_before.map_or("unknown".to_string(), |b| format!("{b:.0}%"));
         let warning = format!(
             "**Warning**: the 1-minute load average was {load:.2} (> {BUSY_LOAD}) before the \
-             start: something else was using the CPU, the figures are noisier."
+             start (CPU busy over the last second: {busy} of all cores): something else was \
+             using the CPU, the figures are noisier."
         );
         println!("{warning}");
         notes.push(warning);
@@ -727,6 +803,7 @@ fn main() -> ExitCode {
     // samples[scenario][server]: one sample per round.
     let mut samples: Vec<[Vec<Sample>; 3]> = SCENARIOS.iter().map(|_| Default::default()).collect();
     let mut run = 0u32;
+    let mut run_lines = Vec::new();
     for round in 1..=rounds {
         for (si, scenario) in SCENARIOS.iter().enumerate() {
             for (vi, server) in SERVERS.iter().enumerate() {
@@ -737,7 +814,7 @@ fn main() -> ExitCode {
                 let pid = proc.child.id();
                 let sample = run_load(scenario, &addr, pid, &secs, &pinning);
                 drop(proc);
-                eprintln!(
+                let line = format!(
                     "round {round}/{rounds} {:<18} {:<16} replies/s {:>9} p99 {:>8} µs cpu/reply {:>6} cpu/conn {:>6} rss/conn {:>6} wakeups/s {:>5} errors {}",
                     scenario.name,
                     server.name,
@@ -749,6 +826,8 @@ fn main() -> ExitCode {
                     num(sample.wakeups_per_sec),
                     sample.errors,
                 );
+                eprintln!("{line}");
+                run_lines.push(line);
                 if sample.errors > 0 {
                     let line = format!(
                         "Errors: round {round}, {}, {}: {} ({})",
@@ -784,7 +863,16 @@ fn main() -> ExitCode {
         println!("latency chart not written: {e}");
     }
     let errors: u64 = summaries.iter().flatten().map(|s| s.errors).sum();
-    let doc = benchmarks_md(&table, rounds, &secs, elapsed, load_before, &notes, all_met);
+    let doc = benchmarks_md(&Doc {
+        table: &table,
+        rounds,
+        secs: &secs,
+        elapsed,
+        load_before,
+        notes: &notes,
+        run_lines: &run_lines,
+        all_met,
+    });
     let doc_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md");
     std::fs::write(&doc_path, doc).expect("write BENCHMARKS.md");
     println!("wrote {} and {}", doc_path.display(), chart.display());
@@ -795,16 +883,31 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// The whole of `BENCHMARKS.md`.
-fn benchmarks_md(
-    table: &str,
+/// What `BENCHMARKS.md` is made of.
+struct Doc<'a> {
+    table: &'a str,
     rounds: u64,
-    secs: &str,
+    secs: &'a str,
     elapsed: Duration,
     load_before: Option<f64>,
-    notes: &[String],
+    notes: &'a [String],
+    /// One line per load generator run, in the order they ran.
+    run_lines: &'a [String],
     all_met: bool,
-) -> String {
+}
+
+/// The whole of `BENCHMARKS.md`.
+fn benchmarks_md(doc: &Doc) -> String {
+    let &Doc {
+        table,
+        rounds,
+        secs,
+        elapsed,
+        load_before,
+        notes,
+        run_lines,
+        all_met,
+    } = doc;
     let mut d = String::new();
     let date = command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
     let load = load_before.map_or("unknown".to_string(), |l| format!("{l:.2}"));
@@ -872,5 +975,16 @@ fn benchmarks_md(
          connections it is mostly queueing in the generator and the kernel, so compare \
          servers with each other, not with other machines."
     );
+    let _ = writeln!(d, "\n## Every run\n");
+    let _ = writeln!(
+        d,
+        "The figures of each load generator run, in the order they ran (the table above \
+         holds their medians).\n"
+    );
+    let _ = writeln!(d, "```text");
+    for line in run_lines {
+        let _ = writeln!(d, "{line}");
+    }
+    let _ = writeln!(d, "```");
     d
 }
