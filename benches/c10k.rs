@@ -4,7 +4,9 @@
 //!
 //! 1. builds the servers and the load generator in release mode
 //!    (`cargo build --release -p echoloop -p echoloop-load --bins --examples`);
-//! 2. reads `/proc/loadavg` and warns when the machine is already busy;
+//! 2. checks that nothing else is using the CPU: waits (at most 60 s) for a
+//!    load average raised by the build to fall while the cores are idle,
+//!    then warns if `/proc/loadavg` still says more than 0.5;
 //! 3. for each round, for each scenario, for each server in turn (echoloop,
 //!    tokio-idiomatic, tokio-tuned, so that the machine's noise hits all of
 //!    them alike): starts a fresh server process pinned to core 0, runs
@@ -15,6 +17,9 @@
 //!    marked met or missed, and writes it to `BENCHMARKS.md` with the
 //!    machine, the date and the command, plus `benches/latency.svg`, a chart
 //!    of the latency percentiles.
+//!
+//! A hand-written `benches/c10k-analysis.md`, when present, is copied into
+//! `BENCHMARKS.md` under "Analysis".
 //!
 //! Environment: `C10K_ROUNDS` (default 3, at least 2), `C10K_SECS` (seconds
 //! of each measured window, default 4). The exit status is non-zero when the
@@ -975,6 +980,18 @@ fn benchmarks_md(doc: &Doc) -> String {
          connections it is mostly queueing in the generator and the kernel, so compare \
          servers with each other, not with other machines."
     );
+    // The hand-written reading of a run (profiles of missed targets) lives
+    // beside this file, so that a new run does not erase it.
+    let analysis = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/c10k-analysis.md");
+    if let Ok(text) = std::fs::read_to_string(&analysis) {
+        let _ = writeln!(
+            d,
+            "\n## Analysis\n\nHand-written from `benches/c10k-analysis.md` (copied in by the \
+             bench; it describes the run it names, which may be older than the table above).\n"
+        );
+        let _ = write!(d, "{}", text.trim_end());
+        let _ = writeln!(d);
+    }
     let _ = writeln!(d, "\n## Every run\n");
     let _ = writeln!(
         d,
