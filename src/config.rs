@@ -58,7 +58,7 @@ pub struct Cli {
     pub proxy_protocol: bool,
 
     /// How long a connection may take to send its whole PROXY header.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_positive_duration)]
     pub proxy_header_timeout: Duration,
 
     /// Log level: error, warn, info, debug, trace [default: $RUST_LOG, else info].
@@ -89,6 +89,9 @@ pub struct Config {
     pub linger_time: Duration,
     /// How much input an error-closing connection may send before close.
     pub linger_bytes: usize,
+    /// At shutdown, how much input already sent by a client is still read
+    /// and answered.
+    pub shutdown_read_limit: usize,
     /// With `--proxy-protocol`: the deadline for the whole header.
     pub proxy_header_timeout: Option<Duration>,
     /// The deadline for a whole `/metrics` request.
@@ -102,8 +105,16 @@ pub const READ_BUDGET: usize = 64 * 1024;
 pub const LINGER_TIME: Duration = Duration::from_secs(2);
 /// See [`LINGER_TIME`].
 pub const LINGER_BYTES: usize = 64 * 1024;
+/// At shutdown, input a client had already sent is read and answered up to
+/// this much (SPEC §3: replies to the complete lines it already sent).
+pub const SHUTDOWN_READ_LIMIT: usize = 1 << 20;
 /// A metrics client must send its whole request within this time.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Per loop, clients turned away as busy that may linger until they have
+/// read their error line; more are closed right after one write.
+pub const MAX_LINGERING_BUSY: usize = 8;
+/// Per loop, metrics clients served at once; more are closed at once.
+pub const MAX_METRICS_CONNS: usize = 8;
 /// Descriptors kept free so that a busy reply can still be accepted (Redis
 /// reserves 32).
 pub const FD_RESERVE: usize = 32;
@@ -118,7 +129,11 @@ impl Config {
         };
         // Per loop: its listeners, its poll and its waker; then stdio, the
         // signal pipe and the reserve for busy replies.
-        let per_loop = cli.listen.len() + usize::from(cli.metrics.is_some()) + 2;
+        let per_loop = cli.listen.len()
+            + usize::from(cli.metrics.is_some())
+            + 2
+            + MAX_LINGERING_BUSY
+            + MAX_METRICS_CONNS;
         let fixed = threads * per_loop + FD_RESERVE + 8;
         let derived = (fd_limit as usize).saturating_sub(fixed).max(1);
         Config {
@@ -132,14 +147,16 @@ impl Config {
             read_budget: READ_BUDGET,
             linger_time: LINGER_TIME,
             linger_bytes: LINGER_BYTES,
+            shutdown_read_limit: SHUTDOWN_READ_LIMIT,
             proxy_header_timeout: cli.proxy_protocol.then_some(cli.proxy_header_timeout),
             request_timeout: REQUEST_TIMEOUT,
         }
     }
 
-    /// The timer wheel's unit: 1/50 of the idle timeout (200 ms for 10 s),
-    /// between 1 ms and 200 ms, so 10,000 idle connections cost at most
-    /// ~5 wakeups per second while an idle close is late by at most 2 %.
+    /// The timer wheel's unit: 1/50 of the idle timeout, between 1 ms and
+    /// 200 ms. The loop wakes at most once per unit while connections exist
+    /// (5 times a second at the default 10 s), and an idle close is late by
+    /// at most one unit (2 %).
     pub fn timer_tick(&self) -> Duration {
         let base = self.idle_timeout.unwrap_or(Duration::from_secs(10)) / 50;
         base.clamp(Duration::from_millis(1), Duration::from_millis(200))
@@ -181,6 +198,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     humantime::parse_duration(s)
         .map_err(|e| format!("`{s}` is not a duration (e.g. 250ms, 10s, 2m): {e}"))
+}
+
+/// Parses a duration that must not be zero.
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("`{s}`: must be longer than zero")),
+        d => Ok(d),
+    }
 }
 
 #[cfg(test)]

@@ -2,9 +2,10 @@
 //!
 //! [`Conn`] holds what a connection is doing ([`State`]), its unfinished
 //! input and its unsent replies. It never owns a socket, a poll or a timer:
-//! the event loop hands it something that reads and writes ([`Io`]) and the
-//! current time, and then asks it questions. So it is tested with scripted
-//! byte streams and a clock the test moves (see the tests at the bottom).
+//! the event loop hands it something that reads and writes ([`Io`]), the
+//! loop's buffers ([`Scratch`]) and the current time ([`Cx`]), and then asks
+//! it questions. So it is tested with scripted byte streams and a clock the
+//! test moves (see the tests at the bottom).
 //!
 //! # Vocabulary (after quinn-proto's `Connection`)
 //! - "this happened": [`Conn::handle_io`] (the socket may be ready),
@@ -12,19 +13,23 @@
 //!   [`Conn::handle_shutdown`] (the server is stopping). Each returns
 //!   [`Next`]: keep the connection, or close it for a [`CloseReason`].
 //! - "what do you want now": [`Conn::interest`] (readiness to wait for),
-//!   [`Conn::deadline`] (when to be woken), [`Conn::wants_read`] (input is
-//!   probably still waiting in the kernel: serve me next turn).
+//!   [`Conn::deadline`] (when to be woken), [`Conn::read_again`] (input is
+//!   probably still waiting in the kernel: serve me again next turn).
 //!
 //! # Invariants
 //! - In [`State::Open`], `rbuf` holds at most one partial line (no `\n`) of
 //!   at most `max_line + 1` bytes: the line limit is applied while a line
 //!   arrives. In [`State::Paused`] it may also hold whole lines not answered
 //!   yet (at most one read's worth more).
-//! - Replies are only produced while `wbuf` is below `max_pending_output`,
-//!   so unsent output is bounded by that plus one read's replies.
+//! - Lines are only answered while `wbuf` is below `max_pending_output`, so
+//!   unsent output exceeds it by at most one reply (at shutdown, by the
+//!   replies to what the client had already sent).
 //! - Both buffers are released when empty: an idle connection owns no heap.
 //! - Only a completed line moves `last_line` (slowloris: trickled bytes do
 //!   not keep a connection alive).
+//! - A connection is closed only once its client's EOF has been read, or
+//!   after lingering: closing with unread input would send an RST that can
+//!   destroy the last reply (SPEC §1).
 //! - `Conn::set_state` is the only writer of `state`, and logs each change.
 
 use crate::config::Config;
@@ -32,7 +37,7 @@ use crate::line::{self, Stop};
 use crate::metrics::{self, Counters};
 use crate::proxy;
 use bytes::{Buf, BytesMut};
-use log::trace;
+use log::{debug, trace};
 use std::io::{self, Read, Write};
 use std::mem;
 use std::net::SocketAddr;
@@ -53,7 +58,7 @@ pub enum State {
     /// Reading input, answering each complete line.
     Open,
     /// Unsent replies reached `max_pending_output`: no reading or framing
-    /// until they drain below half (the client is not reading).
+    /// until they drain to half (the client is not reading).
     Paused,
     /// No more input is read; the queued replies are written out, then the
     /// connection closes for the reason (or lingers, see [`State::Lingering`]).
@@ -104,19 +109,23 @@ pub enum Want {
     ReadWrite,
 }
 
-/// Per-turn resources the loop lends to the connection it is serving.
+/// The loop's buffers, lent to the connection being served.
+pub struct Scratch<'a> {
+    /// Every read lands here first, so a connection only keeps the bytes
+    /// it could not answer yet.
+    pub input: &'a mut [u8],
+    /// An empty output buffer with capacity, lent to a connection whose own
+    /// is empty and taken back once drained: a ping-pong client builds its
+    /// replies here and never allocates.
+    pub spare: &'a mut BytesMut,
+}
+
+/// What the loop tells the connection it is serving, and what it collects.
 pub struct Cx<'a> {
     /// Limits and mode.
     pub cfg: &'a Config,
     /// The time of this turn of the loop.
     pub now: Instant,
-    /// The loop's read buffer: every read lands here first, so a connection
-    /// only keeps the bytes it could not answer yet.
-    pub input: &'a mut [u8],
-    /// An empty output buffer with capacity, lent to a connection whose own
-    /// is empty and returned when it is drained: a ping-pong client never
-    /// allocates.
-    pub spare: &'a mut BytesMut,
     /// Traffic counted this turn (the loop adds it to the metrics).
     pub tally: &'a mut Tally,
     /// Every loop's counters, for a `/metrics` page.
@@ -136,11 +145,10 @@ pub struct Tally {
 
 /// Readiness hints from the poller (they may be spurious).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Ready {
+pub struct Hints {
     /// Input, EOF or an error may be waiting.
     pub readable: bool,
-    /// The peer has shut down its side: read until EOF, not just until a
-    /// short read.
+    /// The client's FIN has arrived (EPOLLRDHUP), though maybe not been read.
     pub read_closed: bool,
 }
 
@@ -157,14 +165,18 @@ pub struct Conn {
     wbuf: BytesMut,
     /// When the last complete line arrived (or the connection opened).
     last_line: Instant,
-    /// The peer's FIN was seen: never stop reading at a short read.
-    peer_closed: bool,
+    /// The client's FIN has arrived: a short read no longer proves the
+    /// socket drained, since the FIN's edge may already be consumed.
+    fin_seen: bool,
+    /// The client's EOF has been read: nothing unread is left to cause an
+    /// RST, so the connection may close without lingering.
+    eof_read: bool,
     /// The read budget ran out with input possibly left in the kernel.
-    wants_read: bool,
+    read_again: bool,
 }
 
 /// The outcome of one `read`, mapped from `io::Result` where the call is.
-enum Read_ {
+enum ReadOutcome {
     Data(usize),
     WouldBlock,
     Eof,
@@ -172,15 +184,15 @@ enum Read_ {
     Failed(io::Error),
 }
 
-fn read_some(io: &mut impl Io, buf: &mut [u8]) -> Read_ {
+fn read_some(io: &mut impl Io, buf: &mut [u8]) -> ReadOutcome {
     loop {
         return match io.read(buf) {
-            Ok(0) => Read_::Eof,
-            Ok(n) => Read_::Data(n),
+            Ok(0) => ReadOutcome::Eof,
+            Ok(n) => ReadOutcome::Data(n),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Read_::WouldBlock,
-            Err(e) if is_reset(&e) => Read_::Reset,
-            Err(e) => Read_::Failed(e),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ReadOutcome::WouldBlock,
+            Err(e) if is_reset(&e) => ReadOutcome::Reset,
+            Err(e) => ReadOutcome::Failed(e),
         };
     }
 }
@@ -194,6 +206,9 @@ fn is_reset(e: &io::Error) -> bool {
             | io::ErrorKind::ConnectionAborted
     )
 }
+
+/// The reply to a client over `--max-connections`.
+pub const BUSY_REPLY: &[u8] = b"error: server busy\n";
 
 impl Conn {
     /// A new echo connection from `peer`, opened at `now`; it starts by
@@ -211,6 +226,14 @@ impl Conn {
         Conn::with_state(peer, now, State::Request)
     }
 
+    /// A client over `--max-connections`: it is only told so, then closed
+    /// like any connection after an error line.
+    pub fn new_busy(peer: SocketAddr, now: Instant) -> Conn {
+        let mut conn = Conn::with_state(peer, now, State::Flushing(CloseReason::Busy));
+        conn.wbuf.extend_from_slice(BUSY_REPLY);
+        conn
+    }
+
     fn with_state(peer: SocketAddr, now: Instant, state: State) -> Conn {
         Conn {
             state,
@@ -218,8 +241,9 @@ impl Conn {
             rbuf: BytesMut::new(),
             wbuf: BytesMut::new(),
             last_line: now,
-            peer_closed: false,
-            wants_read: false,
+            fin_seen: false,
+            eof_read: false,
+            read_again: false,
         }
     }
 
@@ -254,18 +278,24 @@ impl Conn {
     /// The socket may be readable or writable (or neither: events can be
     /// spurious). Reads what the state allows, answers complete lines,
     /// writes what is queued, and moves between states accordingly.
-    pub fn handle_io(&mut self, io: &mut impl Io, ready: Ready, cx: &mut Cx) -> Next {
-        self.wants_read = false;
-        self.peer_closed |= ready.read_closed;
-        self.borrow_spare(cx);
+    pub fn handle_io(
+        &mut self,
+        io: &mut impl Io,
+        hints: Hints,
+        scratch: &mut Scratch,
+        cx: &mut Cx,
+    ) -> Next {
+        self.read_again = false;
+        self.fin_seen |= hints.read_closed;
+        self.borrow_spare(scratch);
         let next = match self.state {
-            State::Open | State::ProxyHeader | State::Request if ready.readable => {
-                self.read_input(io, cx)
+            State::Open | State::ProxyHeader | State::Request if hints.readable => {
+                self.read_input(io, cx.cfg.read_budget, scratch.input, cx)
             }
-            State::Lingering { .. } if ready.readable => self.discard_input(io, cx),
+            State::Lingering { .. } if hints.readable => self.discard_input(io, scratch.input),
             _ => Next::Keep,
         };
-        self.end_turn(io, next, cx)
+        self.end_turn(io, next, scratch, cx)
     }
 
     /// A deadline this connection asked for may have passed. Spurious calls
@@ -275,68 +305,59 @@ impl Conn {
             Some(due) if due <= now => Next::Close(match self.state {
                 State::Lingering { reason, .. } => reason,
                 State::ProxyHeader => {
-                    log::debug!("{}: no complete PROXY header in time", self.peer);
+                    debug!("{}: no complete PROXY header in time", self.peer);
                     CloseReason::Error
                 }
-                _ => CloseReason::Idle,
+                _ => {
+                    debug!("{}: idle for {:?}", self.peer, now - self.last_line);
+                    CloseReason::Idle
+                }
             }),
             _ => Next::Keep,
         }
     }
 
     /// The server is stopping (SIGINT/SIGTERM): read what the client has
-    /// already sent (one budget's worth), answer every complete line, even
-    /// those waiting behind a pause, then flush and close. The shutdown
-    /// timeout bounds the whole wait.
-    pub fn handle_shutdown(&mut self, io: &mut impl Io, cx: &mut Cx) -> Next {
-        self.borrow_spare(cx);
+    /// already sent (up to `shutdown_read_limit`), answer every complete
+    /// line, even those waiting behind a pause, then flush and close. The
+    /// shutdown timeout bounds the whole wait.
+    pub fn handle_shutdown(
+        &mut self,
+        io: &mut impl Io,
+        scratch: &mut Scratch,
+        cx: &mut Cx,
+    ) -> Next {
+        self.borrow_spare(scratch);
         let mut next = Next::Keep;
-        if self.state == State::Open {
-            next = self.read_input(io, cx);
-        }
-        if next == Next::Keep && matches!(self.state, State::Open | State::Paused) {
-            let buffered = mem::take(&mut self.rbuf);
-            let a = line::answer_lines(
-                &buffered,
-                cx.cfg.mode,
-                cx.cfg.max_line,
-                &mut self.wbuf,
-                usize::MAX,
-            );
-            cx.tally.lines += a.lines as u64;
-            self.set_state(State::Flushing(CloseReason::Shutdown));
-        }
-        if matches!(self.state, State::ProxyHeader | State::Request) {
-            // Nothing was asked of it yet: it just goes.
-            next = Next::Close(CloseReason::Shutdown);
-        }
-        self.end_turn(io, next, cx)
-    }
-
-    /// The end of every `handle_*` turn: write what is queued (unless the
-    /// connection is closing anyway) and give the spare buffer back.
-    fn end_turn(&mut self, io: &mut impl Io, next: Next, cx: &mut Cx) -> Next {
-        let next = match next {
-            Next::Keep => self.flush(io, cx),
-            close => close,
-        };
-        if self.wbuf.is_empty() {
-            // Lend the allocation back; an idle connection holds no heap.
-            let mut empty = mem::take(&mut self.wbuf);
-            if empty.capacity() > cx.spare.capacity() {
-                empty.clear();
-                mem::swap(&mut empty, cx.spare);
+        let mut budget = cx.cfg.shutdown_read_limit;
+        loop {
+            if self.state == State::Paused {
+                // Shutdown lifts the backpressure: the shutdown timeout
+                // bounds the wait for a client that does not read.
+                self.set_state(State::Open);
+                let buffered = mem::take(&mut self.rbuf);
+                self.answer(&buffered, usize::MAX, cx);
+            }
+            if self.state != State::Open || budget == 0 || next != Next::Keep {
+                break;
+            }
+            let before = cx.tally.received;
+            next = self.read_input(io, budget, scratch.input, cx);
+            budget = budget.saturating_sub((cx.tally.received - before) as usize);
+            if self.state != State::Paused {
+                break;
             }
         }
-        next
-    }
-
-    /// Replies are built straight into the loop's spare buffer when this
-    /// connection has none of its own.
-    fn borrow_spare(&mut self, cx: &mut Cx) {
-        if self.wbuf.capacity() == 0 {
-            mem::swap(&mut self.wbuf, cx.spare);
+        match self.state {
+            State::Open => {
+                self.rbuf = BytesMut::new(); // an unfinished line is not a line yet
+                self.set_state(State::Flushing(CloseReason::Shutdown));
+            }
+            // Nothing was asked of these yet: they just go.
+            State::ProxyHeader | State::Request => next = Next::Close(CloseReason::Shutdown),
+            _ => {}
         }
+        self.end_turn(io, next, scratch, cx)
     }
 
     // ----- "what do you want now" -------------------------------------------
@@ -363,68 +384,52 @@ impl Conn {
         }
     }
 
-    /// True when the read budget ran out: input may still be waiting in the
-    /// kernel, and with edge-triggered readiness no event will say so.
-    pub fn wants_read(&self) -> bool {
-        self.wants_read
+    /// True when the read budget ran out, or reading just resumed after a
+    /// pause: input may still be waiting in the kernel, and with
+    /// edge-triggered readiness no event will say so.
+    pub fn read_again(&self) -> bool {
+        self.read_again
     }
 
     // ----- reading ------------------------------------------------------------
 
     /// Reads until `WouldBlock`, EOF, a short read (the kernel buffer is
-    /// drained) or the per-turn budget, handing each read to `take_input`.
-    fn read_input(&mut self, io: &mut impl Io, cx: &mut Cx) -> Next {
-        let mut budget = cx.cfg.read_budget;
+    /// drained) or `budget` bytes, handing each read to `take_input`.
+    fn read_input(
+        &mut self,
+        io: &mut impl Io,
+        mut budget: usize,
+        input: &mut [u8],
+        cx: &mut Cx,
+    ) -> Next {
         while matches!(
             self.state,
             State::Open | State::ProxyHeader | State::Request
         ) {
             if budget == 0 {
-                self.wants_read = true;
+                self.read_again = true;
                 break;
             }
-            let want = budget.min(cx.input.len());
-            let input = mem::take(&mut cx.input);
-            let got = read_some(io, &mut input[..want]);
-            let n = match got {
-                Read_::Data(n) => n,
-                Read_::WouldBlock => {
-                    cx.input = input;
-                    break;
-                }
-                Read_::Eof => {
-                    cx.input = input;
-                    match self.state {
-                        State::Open => self.end_of_input(cx),
-                        State::ProxyHeader => {
-                            log::debug!("{}: EOF before a PROXY header", self.peer);
-                            return Next::Close(CloseReason::Error);
-                        }
-                        _ => return Next::Close(CloseReason::Eof),
-                    }
-                    break;
-                }
-                Read_::Reset => {
-                    cx.input = input;
-                    return Next::Close(CloseReason::Reset);
-                }
-                Read_::Failed(e) => {
-                    cx.input = input;
-                    log::debug!("{}: read failed: {e}", self.peer);
+            let want = budget.min(input.len());
+            let n = match read_some(io, &mut input[..want]) {
+                ReadOutcome::Data(n) => n,
+                ReadOutcome::WouldBlock => break,
+                ReadOutcome::Eof => return self.end_of_input(cx),
+                ReadOutcome::Reset => return Next::Close(CloseReason::Reset),
+                ReadOutcome::Failed(e) => {
+                    debug!("{}: read failed: {e}", self.peer);
                     return Next::Close(CloseReason::Error);
                 }
             };
             cx.tally.received += n as u64;
             budget -= n;
-            let next = self.take_input(&input[..n], cx);
-            cx.input = input;
-            if next != Next::Keep {
-                return next;
+            if let Next::Close(reason) = self.take_input(&input[..n], cx) {
+                return Next::Close(reason);
             }
             // A short read drained the socket: a new edge will come for new
             // bytes, so skip the read that would only say WouldBlock. Not
             // after a FIN, whose edge may already have been consumed.
-            if n < want && !self.peer_closed {
+            if n < want && !self.fin_seen {
                 break;
             }
         }
@@ -434,16 +439,11 @@ impl Conn {
     /// Freshly read bytes, handled as the state says.
     fn take_input(&mut self, data: &[u8], cx: &mut Cx) -> Next {
         match self.state {
-            State::ProxyHeader => self.take_proxy_header(data, cx),
-            State::Request => {
-                self.take_request(data, cx);
-                Next::Keep
-            }
-            _ => {
-                self.take_lines(data, cx);
-                Next::Keep
-            }
+            State::ProxyHeader => return self.take_proxy_header(data, cx),
+            State::Request => self.take_request(data, cx),
+            _ => self.take_lines(data, cx),
         }
+        Next::Keep
     }
 
     /// Collects the PROXY header; the bytes after it are the client's first
@@ -453,16 +453,16 @@ impl Conn {
         match proxy::parse(&self.rbuf) {
             proxy::Parsed::Incomplete => Next::Keep,
             proxy::Parsed::Invalid(why) => {
-                log::debug!("{}: invalid PROXY header: {why}", self.peer);
+                debug!("{}: invalid PROXY header: {why}", self.peer);
                 Next::Close(CloseReason::Error)
             }
             proxy::Parsed::Done { len, source } => {
                 match source {
                     Some(client) => {
-                        log::debug!("{}: PROXY header names client {client}", self.peer);
+                        debug!("{}: PROXY header names client {client}", self.peer);
                         self.peer = client;
                     }
-                    None => log::debug!("{}: PROXY health check (LOCAL/UNKNOWN)", self.peer),
+                    None => debug!("{}: PROXY health check (LOCAL/UNKNOWN)", self.peer),
                 }
                 let after = mem::take(&mut self.rbuf).split_off(len);
                 self.set_state(State::Open);
@@ -499,27 +499,22 @@ impl Conn {
                     self.rbuf.extend_from_slice(&data[..=nl]);
                     data = &data[nl + 1..];
                     let joined = mem::take(&mut self.rbuf);
-                    self.answer(&joined, cx);
+                    self.answer(&joined, cx.cfg.max_pending_output, cx);
                 }
             }
         }
         match self.state {
-            State::Open => self.answer(data, cx),
+            State::Open => self.answer(data, cx.cfg.max_pending_output, cx),
             // Paused on the joined line: keep the rest for later.
             State::Paused => self.rbuf.extend_from_slice(data),
             _ => {}
         }
     }
 
-    /// Answers the complete lines of `input` and keeps what is left.
-    fn answer(&mut self, input: &[u8], cx: &mut Cx) {
-        let a = line::answer_lines(
-            input,
-            cx.cfg.mode,
-            cx.cfg.max_line,
-            &mut self.wbuf,
-            cx.cfg.max_pending_output,
-        );
+    /// Answers the complete lines of `input` while fewer than `max_out`
+    /// reply bytes are queued, and keeps what is left.
+    fn answer(&mut self, input: &[u8], max_out: usize, cx: &mut Cx) {
+        let a = line::answer_lines(input, cx.cfg.mode, cx.cfg.max_line, &mut self.wbuf, max_out);
         if a.lines > 0 {
             cx.tally.lines += a.lines as u64;
             self.last_line = cx.now;
@@ -543,18 +538,30 @@ impl Conn {
         self.set_state(State::Flushing(CloseReason::TooLong));
     }
 
-    /// EOF: what is left without a `\n` is a final line and gets its reply.
-    fn end_of_input(&mut self, cx: &mut Cx) {
-        if !self.rbuf.is_empty() {
-            line::write_reply(cx.cfg.mode, &self.rbuf, &mut self.wbuf);
-            cx.tally.lines += 1;
-            self.rbuf = BytesMut::new();
+    /// EOF: in `Open`, what is left without a `\n` is a final line and gets
+    /// its reply before the close; anywhere else it ends the connection.
+    fn end_of_input(&mut self, cx: &mut Cx) -> Next {
+        self.eof_read = true;
+        match self.state {
+            State::Open => {
+                if !self.rbuf.is_empty() {
+                    line::write_reply(cx.cfg.mode, &self.rbuf, &mut self.wbuf);
+                    cx.tally.lines += 1;
+                    self.rbuf = BytesMut::new();
+                }
+                self.set_state(State::Flushing(CloseReason::Eof));
+                Next::Keep
+            }
+            State::ProxyHeader => {
+                debug!("{}: EOF before a PROXY header", self.peer);
+                Next::Close(CloseReason::Error)
+            }
+            _ => Next::Close(CloseReason::Eof),
         }
-        self.set_state(State::Flushing(CloseReason::Eof));
     }
 
     /// While lingering: read and drop input until EOF or the allowance.
-    fn discard_input(&mut self, io: &mut impl Io, cx: &mut Cx) -> Next {
+    fn discard_input(&mut self, io: &mut impl Io, input: &mut [u8]) -> Next {
         let State::Lingering {
             reason,
             until,
@@ -564,12 +571,14 @@ impl Conn {
             return Next::Keep;
         };
         let next = loop {
-            let want = cx.input.len().min(allowance.max(1));
-            match read_some(io, &mut cx.input[..want]) {
-                Read_::Data(n) if n >= allowance => break Next::Close(reason),
-                Read_::Data(n) => allowance -= n,
-                Read_::WouldBlock => break Next::Keep,
-                Read_::Eof | Read_::Reset | Read_::Failed(_) => break Next::Close(reason),
+            let want = input.len().min(allowance.max(1));
+            match read_some(io, &mut input[..want]) {
+                ReadOutcome::Data(n) if n >= allowance => break Next::Close(reason),
+                ReadOutcome::Data(n) => allowance -= n,
+                ReadOutcome::WouldBlock => break Next::Keep,
+                ReadOutcome::Eof | ReadOutcome::Reset | ReadOutcome::Failed(_) => {
+                    break Next::Close(reason);
+                }
             }
         };
         if next == Next::Keep {
@@ -584,9 +593,44 @@ impl Conn {
 
     // ----- writing ------------------------------------------------------------
 
+    /// The end of every `handle_*` turn: write what is queued (unless the
+    /// connection is closing anyway) and give the spare buffer back.
+    fn end_turn(
+        &mut self,
+        io: &mut impl Io,
+        next: Next,
+        scratch: &mut Scratch,
+        cx: &mut Cx,
+    ) -> Next {
+        let next = match next {
+            Next::Keep => self.flush(io, scratch.input, cx),
+            close => close,
+        };
+        if self.wbuf.is_empty() {
+            // Give the allocation back; an idle connection holds no heap.
+            // Written bytes were `advance`d past: asking for one byte more
+            // than the capacity left reclaims all of them, without ever
+            // allocating.
+            let mut empty = mem::take(&mut self.wbuf);
+            let _ = empty.try_reclaim(empty.capacity() + 1);
+            if empty.capacity() > scratch.spare.capacity() {
+                mem::swap(&mut empty, scratch.spare);
+            }
+        }
+        next
+    }
+
+    /// Replies are built straight into the loop's spare buffer when this
+    /// connection has none of its own.
+    fn borrow_spare(&mut self, scratch: &mut Scratch) {
+        if self.wbuf.capacity() == 0 {
+            mem::swap(&mut self.wbuf, scratch.spare);
+        }
+    }
+
     /// Writes queued replies until done or `WouldBlock`, resumes a paused
-    /// connection that drained below half, and finishes a flushing one.
-    fn flush(&mut self, io: &mut impl Io, cx: &mut Cx) -> Next {
+    /// connection that drained to half, and finishes a flushing one.
+    fn flush(&mut self, io: &mut impl Io, input: &mut [u8], cx: &mut Cx) -> Next {
         loop {
             while !self.wbuf.is_empty() {
                 match io.write(&self.wbuf) {
@@ -599,12 +643,12 @@ impl Conn {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if is_reset(&e) => return Next::Close(CloseReason::Reset),
                     Err(e) => {
-                        log::debug!("{}: write failed: {e}", self.peer);
+                        debug!("{}: write failed: {e}", self.peer);
                         return Next::Close(CloseReason::Error);
                     }
                 }
             }
-            if self.state == State::Paused && self.wbuf.len() < cx.cfg.max_pending_output / 2 {
+            if self.state == State::Paused && self.wbuf.len() <= cx.cfg.max_pending_output / 2 {
                 self.resume(cx);
                 if !self.wbuf.is_empty() {
                     continue; // write the replies to the lines just answered
@@ -613,29 +657,32 @@ impl Conn {
             break;
         }
         match self.state {
-            State::Flushing(reason) if self.wbuf.is_empty() => self.finish(io, reason, cx),
+            State::Flushing(reason) if self.wbuf.is_empty() => self.finish(io, reason, input, cx),
             _ => Next::Keep,
         }
     }
 
-    /// Backlog below half: answer the lines that waited in `rbuf` at once (no
-    /// event will come for them), then read again next turn.
+    /// Backlog down to half: answer the lines that waited in `rbuf` at once
+    /// (no event will come for them), then read again next turn.
     fn resume(&mut self, cx: &mut Cx) {
         self.set_state(State::Open);
         let buffered = mem::take(&mut self.rbuf);
-        self.answer(&buffered, cx);
+        self.answer(&buffered, cx.cfg.max_pending_output, cx);
         if self.state == State::Open {
-            self.wants_read = true;
+            self.read_again = true;
         }
     }
 
-    /// Everything is sent: close now, or shut down the write side and linger
-    /// when the client may still be sending (an error line or a shutdown).
-    fn finish(&mut self, io: &mut impl Io, reason: CloseReason, cx: &mut Cx) -> Next {
-        if reason == CloseReason::Eof || self.peer_closed {
-            return Next::Close(reason);
-        }
-        if io.shutdown_write().is_err() {
+    /// Everything is sent: close now if the client's EOF was read, else shut
+    /// down the write side and linger, discarding input, until it comes.
+    fn finish(
+        &mut self,
+        io: &mut impl Io,
+        reason: CloseReason,
+        input: &mut [u8],
+        cx: &mut Cx,
+    ) -> Next {
+        if self.eof_read || io.shutdown_write().is_err() {
             return Next::Close(reason);
         }
         self.set_state(State::Lingering {
@@ -644,7 +691,7 @@ impl Conn {
             allowance: cx.cfg.linger_bytes,
         });
         // Input may already be waiting: drain what is there now.
-        self.discard_input(io, cx)
+        self.discard_input(io, input)
     }
 }
 
@@ -754,19 +801,29 @@ mod tests {
         /// One readiness event. The poller flags `read_closed` when the
         /// client's FIN is queued, as epoll's EPOLLRDHUP does.
         fn io(&mut self, conn: &mut Conn, io: &mut Script) -> Next {
-            let ready = Ready {
+            let hints = Hints {
                 readable: true,
                 read_closed: io.reads.iter().any(|r| matches!(r, Ok(b) if b.is_empty())),
             };
-            let mut cx = Cx {
-                cfg: &self.cfg,
-                now: self.now,
+            let (mut scratch, mut cx) = self.parts();
+            conn.handle_io(io, hints, &mut scratch, &mut cx)
+        }
+        fn shutdown(&mut self, conn: &mut Conn, io: &mut Script) -> Next {
+            let (mut scratch, mut cx) = self.parts();
+            conn.handle_shutdown(io, &mut scratch, &mut cx)
+        }
+        fn parts(&mut self) -> (Scratch<'_>, Cx<'_>) {
+            let scratch = Scratch {
                 input: &mut self.input,
                 spare: &mut self.spare,
+            };
+            let cx = Cx {
+                cfg: &self.cfg,
+                now: self.now,
                 tally: &mut self.tally,
                 metrics: &[],
             };
-            conn.handle_io(io, ready, &mut cx)
+            (scratch, cx)
         }
         fn advance(&mut self, by: Duration) {
             self.now += by;
@@ -882,7 +939,7 @@ mod tests {
         let mut io = Script::new().data(b"a\nb\nc\nd\n");
         let _ = h.io(&mut conn, &mut io);
         assert_eq!(h.tally.received, 4);
-        assert!(conn.wants_read());
+        assert!(conn.read_again());
         let _ = h.io(&mut conn, &mut io);
         assert_eq!(h.tally.lines, 4);
     }
@@ -918,7 +975,73 @@ mod tests {
         assert_eq!(conn.interest(), Want::Read);
     }
 
+    #[test]
+    fn open_ping_pong_reuses_the_loops_spare_buffer() {
+        let mut h = Harness::new();
+        let mut conn = conn_open(&h);
+        let _ = h.io(&mut conn, &mut Script::new().data(b"first\n"));
+        let lent = h.spare.capacity();
+        assert!(lent > 0, "the spare keeps the allocation");
+        assert_eq!(conn.buffered_capacity(), 0);
+        let _ = h.io(&mut conn, &mut Script::new().data(b"again\n"));
+        assert_eq!(h.spare.capacity(), lent, "written bytes are reclaimed");
+    }
+
+    #[test]
+    fn open_fin_behind_unread_input_is_not_a_reason_to_skip_lingering() {
+        let mut h = Harness::with(Config {
+            max_line: 4,
+            ..Config::default()
+        });
+        let mut conn = conn_open(&h);
+        // A too-long line, more of it unread, then the FIN.
+        let mut io = Script::new().data(b"0123456789").data(&[b'x'; 8192]).eof();
+        assert_eq!(h.io(&mut conn, &mut io), Next::Close(CloseReason::TooLong));
+        assert!(io.shut, "lingered: FIN sent, input drained up to the EOF");
+        assert!(io.reads.is_empty(), "nothing left unread to cause an RST");
+    }
+
+    #[test]
+    fn open_metrics_request_gets_a_page_and_lingers() {
+        let mut h = Harness::new();
+        let mut conn = Conn::new_metrics(peer(), h.now);
+        let mut io = Script::new().data(b"GET /metrics HTTP/1.1\r\n\r\n");
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
+        assert!(io.written.starts_with(b"HTTP/1.1 200"));
+        assert!(io.shut);
+        io.reads.push_back(Ok(Vec::new()));
+        assert_eq!(h.io(&mut conn, &mut io), Next::Close(CloseReason::Eof));
+    }
+
+    // ----- Busy -------------------------------------------------------------
+
+    #[test]
+    fn busy_sends_its_line_then_lingers_until_eof() {
+        let mut h = Harness::new();
+        let mut conn = Conn::new_busy(peer(), h.now);
+        let mut io = Script::new().data(b"hello\n");
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
+        assert_eq!(io.written, BUSY_REPLY);
+        assert!(io.shut);
+        io.reads.push_back(Ok(Vec::new()));
+        assert_eq!(h.io(&mut conn, &mut io), Next::Close(CloseReason::Busy));
+    }
+
     // ----- Paused ---------------------------------------------------------
+
+    #[test]
+    fn paused_with_a_one_byte_bound_still_resumes() {
+        let mut h = Harness::with(Config {
+            max_pending_output: 1,
+            ..Config::default()
+        });
+        let mut conn = conn_open(&h);
+        let mut io = Script::new().data(b"a\nb\nc\n");
+        for _ in 0..4 {
+            let _ = h.io(&mut conn, &mut io);
+        }
+        assert_eq!(io.written, [said(b"a"), said(b"b"), said(b"c")].concat());
+    }
 
     #[test]
     fn paused_neither_reads_nor_answers() {
@@ -939,7 +1062,7 @@ mod tests {
         let _ = h.io(&mut conn, &mut io);
         assert_eq!(io.written, b"aaaa\nbbb\nc\n");
         assert_eq!(conn.state(), State::Open);
-        assert!(conn.wants_read(), "input may wait in the kernel");
+        assert!(conn.read_again(), "input may wait in the kernel");
     }
 
     #[test]
@@ -958,15 +1081,7 @@ mod tests {
         let mut h = Harness::with(small_output());
         let (mut conn, mut io) = conn_paused(&mut h);
         io.room = usize::MAX;
-        let mut cx = Cx {
-            cfg: &h.cfg,
-            now: h.now,
-            input: &mut h.input,
-            spare: &mut h.spare,
-            tally: &mut h.tally,
-            metrics: &[],
-        };
-        assert_eq!(conn.handle_shutdown(&mut io, &mut cx), Next::Keep);
+        assert_eq!(h.shutdown(&mut conn, &mut io), Next::Keep);
         assert_eq!(io.written, b"aaaa\nbbb\nc\n");
         assert!(io.shut);
         assert!(matches!(
@@ -976,6 +1091,24 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn shutdown_answers_everything_already_sent() {
+        let mut h = Harness::new();
+        let mut conn = conn_open(&h);
+        // Far more than one turn's read budget, all sent before the signal.
+        let lines: Vec<u8> = (0..20_000)
+            .flat_map(|i| format!("{i:>8}\n").into_bytes())
+            .collect();
+        let mut io = Script::new().data(&lines);
+        assert_eq!(h.shutdown(&mut conn, &mut io), Next::Keep);
+        assert_eq!(h.tally.lines, 20_000);
+        assert!(io.shut);
+    }
+
+    fn said(content: &[u8]) -> Vec<u8> {
+        [line::PREFIX, content, line::SUFFIX].concat()
     }
 
     // ----- Flushing -------------------------------------------------------

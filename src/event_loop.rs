@@ -23,8 +23,8 @@
 //! slot freed and reused in the same turn can never be reached through the
 //! old owner's token (mio#172, mio#219).
 
-use crate::config::Config;
-use crate::conn::{CloseReason, Conn, Cx, Next, Ready, Tally, Want};
+use crate::config::{Config, MAX_LINGERING_BUSY, MAX_METRICS_CONNS};
+use crate::conn::{CloseReason, Conn, Cx, Hints, Next, Scratch, Tally, Want};
 use crate::listener::{self, Accepted};
 use crate::metrics::Counters;
 use crate::timer::Timer;
@@ -33,8 +33,7 @@ use log::{debug, error, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
-use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::io::{self, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -119,6 +118,19 @@ pub struct Shared {
     pub live: Arc<AtomicUsize>,
 }
 
+/// What a connection is to the server, which decides how it is counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// A line-echo client: counted in the metrics and against
+    /// `--max-connections`.
+    Client,
+    /// A client over `--max-connections`, being told `error: server busy`
+    /// and lingering until it has read it; at most [`MAX_LINGERING_BUSY`].
+    Busy,
+    /// A `--metrics` scrape; at most [`MAX_METRICS_CONNS`], not counted.
+    Metrics,
+}
+
 /// What a listening socket accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -149,9 +161,8 @@ struct Slot {
     timer_tick: Option<u64>,
     /// On the ready list already.
     queued: bool,
-    /// An echo client (counted in the metrics and against the cap), not a
-    /// metrics client.
-    echo: bool,
+    /// What the connection is to the server (how it is counted).
+    role: Role,
 }
 
 /// One single-threaded event loop. Build it with [`EventLoop::new`], take a
@@ -196,6 +207,10 @@ pub struct EventLoop {
     waker: Arc<Waker>,
     /// This loop's number, for logs.
     index: usize,
+    /// Connections in [`Role::Busy`] now.
+    busy_conns: usize,
+    /// Connections in [`Role::Metrics`] now.
+    metrics_conns: usize,
 }
 
 impl EventLoop {
@@ -241,6 +256,8 @@ impl EventLoop {
             shutdown_deadline: None,
             counters: all_counters[index].clone(),
             index,
+            busy_conns: 0,
+            metrics_conns: 0,
             all_counters,
             live,
             waker,
@@ -284,13 +301,13 @@ impl EventLoop {
                     }
                     Source::Listener(i) => self.accept(i, now),
                     Source::Conn(id) => {
-                        let ready = Ready {
+                        let hints = Hints {
                             readable: event.is_readable()
                                 || event.is_read_closed()
                                 || event.is_error(),
                             read_closed: event.is_read_closed(),
                         };
-                        self.drive(id, ready, now);
+                        self.drive(id, hints, now);
                     }
                 }
             }
@@ -322,23 +339,32 @@ impl EventLoop {
     // ----- connections --------------------------------------------------
 
     /// Lets connection `id` do its I/O, then settles the verdict.
-    fn drive(&mut self, id: ConnId, mut ready: Ready, now: Instant) {
+    fn drive(&mut self, id: ConnId, mut hints: Hints, now: Instant) {
         let Some(slot) = slot_mut(&mut self.conns, id) else {
             return; // stale: the connection is gone
         };
         if slot.queued {
             // Its read is coming from the ready list this very turn.
-            ready.readable = false;
+            hints.readable = false;
         }
+        let mut scratch = Scratch {
+            input: &mut self.input,
+            spare: &mut self.spare,
+        };
+        // A metrics scrape is not echo traffic: its bytes are not counted.
+        let mut uncounted = Tally::default();
         let mut cx = Cx {
             cfg: &self.cfg,
             now,
-            input: &mut self.input,
-            spare: &mut self.spare,
-            tally: &mut self.tally,
+            tally: match slot.role {
+                Role::Metrics => &mut uncounted,
+                Role::Client | Role::Busy => &mut self.tally,
+            },
             metrics: &self.all_counters,
         };
-        let next = slot.conn.handle_io(&mut slot.socket, ready, &mut cx);
+        let next = slot
+            .conn
+            .handle_io(&mut slot.socket, hints, &mut scratch, &mut cx);
         self.settle(id, next);
     }
 
@@ -352,7 +378,7 @@ impl EventLoop {
         let Some(slot) = slot_mut(&mut self.conns, id) else {
             return;
         };
-        if slot.conn.wants_read() && !slot.queued {
+        if slot.conn.read_again() && !slot.queued {
             slot.queued = true;
             self.ready.push(id);
         }
@@ -388,15 +414,21 @@ impl EventLoop {
         let mut slot = self.conns.remove(id.key as usize);
         let _ = self.poll.registry().deregister(&mut slot.socket);
         debug!("{}: closed ({})", slot.conn.peer(), reason.as_str());
-        self.release(slot.echo, reason);
+        self.release(slot.role, reason);
     }
 
-    /// Counts a closed connection in the metrics and frees its place
-    /// under the cap (echo clients only).
-    fn release(&self, echo: bool, reason: CloseReason) {
-        if echo {
-            self.counters.closed(reason);
-            self.live.fetch_sub(1, Ordering::Relaxed);
+    /// Counts a closed connection and frees its place under its cap.
+    fn release(&mut self, role: Role, reason: CloseReason) {
+        match role {
+            Role::Client => {
+                self.counters.closed(reason);
+                self.live.fetch_sub(1, Ordering::Relaxed);
+            }
+            Role::Busy => {
+                self.counters.closed(CloseReason::Busy);
+                self.busy_conns -= 1;
+            }
+            Role::Metrics => self.metrics_conns -= 1,
         }
     }
 
@@ -406,11 +438,11 @@ impl EventLoop {
         for &id in &ids {
             if let Some(slot) = slot_mut(&mut self.conns, id) {
                 slot.queued = false;
-                let ready = Ready {
+                let hints = Hints {
                     readable: true,
                     read_closed: false,
                 };
-                self.drive(id, ready, now);
+                self.drive(id, hints, now);
             }
         }
         ids.clear();
@@ -431,9 +463,6 @@ impl EventLoop {
             }
             slot.timer_tick = None;
             let next = slot.conn.handle_timeout(now, &self.cfg);
-            if next == Next::Close(CloseReason::Idle) {
-                debug!("{}: idle timeout", slot.conn.peer());
-            }
             self.settle(id, next);
         }
     }
@@ -454,23 +483,25 @@ impl EventLoop {
         if self.accept_paused_until.is_some() {
             return; // the pause timer retries every listener
         }
+        // `get` every time round: `admit` needs `&mut self` in between.
         while let Some(listener) = self.listeners.get(i) {
             let kind = listener.kind;
             match listener::accept(&listener.socket) {
                 Accepted::Conn(stream, peer) => {
-                    if self.accept_backoff > ACCEPT_PAUSE_MIN {
-                        info!("descriptors available again: accepting");
-                        self.accept_backoff = ACCEPT_PAUSE_MIN;
-                    }
+                    self.end_accept_pause_episode();
                     self.admit(stream, peer, kind, now);
                 }
-                Accepted::WouldBlock => return,
+                Accepted::WouldBlock => {
+                    self.end_accept_pause_episode();
+                    return;
+                }
                 Accepted::Transient(e) => debug!("accept: {e} (skipped)"),
-                Accepted::Exhausted(e) => {
+                Accepted::Exhausted(e) | Accepted::Failed(e) => {
                     if self.accept_backoff == ACCEPT_PAUSE_MIN {
                         warn!(
-                            "accept: {e}; pausing accepts until descriptors free up \
-                             (open: {}, limit: raise `ulimit -n` or lower --max-connections)",
+                            "accept: {e}; pausing accepts, retrying with backoff \
+                             (open here: {}; out of descriptors? raise `ulimit -n` \
+                             or lower --max-connections)",
                             self.conns.len()
                         );
                     }
@@ -479,6 +510,15 @@ impl EventLoop {
                     return;
                 }
             }
+        }
+    }
+
+    /// An accept went through after a pause: the episode is over, and the
+    /// next one starts again at the shortest pause with a new warning.
+    fn end_accept_pause_episode(&mut self) {
+        if self.accept_backoff > ACCEPT_PAUSE_MIN {
+            info!("accepting again");
+            self.accept_backoff = ACCEPT_PAUSE_MIN;
         }
     }
 
@@ -492,7 +532,8 @@ impl EventLoop {
         }
     }
 
-    /// Takes a new connection into the slab, or turns it away when full.
+    /// Takes a new connection into the slab in the role it gets: a client,
+    /// a client turned away as busy, or a metrics scrape.
     fn admit(
         &mut self,
         mut stream: TcpStream,
@@ -500,23 +541,39 @@ impl EventLoop {
         kind: Kind,
         now: Instant,
     ) {
-        let echo = kind == Kind::Echo;
-        if echo {
-            // Only echo clients count against --max-connections: a metrics
-            // scrape must still work when the server is full.
-            self.counters.accepted();
-            if self.live.fetch_add(1, Ordering::Relaxed) >= self.cfg.max_connections {
-                self.live.fetch_sub(1, Ordering::Relaxed);
-                turn_away(stream, peer);
-                self.counters.closed(CloseReason::Busy);
-                return;
+        let role = match kind {
+            Kind::Metrics if self.metrics_conns >= MAX_METRICS_CONNS => {
+                debug!("{peer}: too many metrics connections");
+                return; // dropping the stream closes it
             }
+            Kind::Metrics => Role::Metrics,
+            Kind::Echo => {
+                self.counters.accepted();
+                // Only echo clients count against --max-connections: a
+                // metrics scrape must still work when the server is full.
+                if self.live.fetch_add(1, Ordering::Relaxed) < self.cfg.max_connections {
+                    Role::Client
+                } else {
+                    self.live.fetch_sub(1, Ordering::Relaxed);
+                    if self.busy_conns >= MAX_LINGERING_BUSY {
+                        turn_away(stream, peer);
+                        self.counters.closed(CloseReason::Busy);
+                        return;
+                    }
+                    Role::Busy
+                }
+            }
+        };
+        match role {
+            Role::Client => {}
+            Role::Busy => self.busy_conns += 1,
+            Role::Metrics => self.metrics_conns += 1,
         }
         let entry = self.conns.vacant_entry();
         // Slab keys stay far below u32::MAX (the descriptor limit bounds
         // them), but a token must never be ambiguous.
         let Ok(key) = u32::try_from(entry.key()) else {
-            self.release(echo, CloseReason::Error);
+            self.release(role, CloseReason::Error);
             return;
         };
         let id = ConnId {
@@ -531,24 +588,30 @@ impl EventLoop {
             .register(&mut stream, id.token(), Interest::READABLE)
         {
             warn!("{peer}: register failed: {e}");
-            self.release(echo, CloseReason::Error);
+            self.release(role, CloseReason::Error);
             return;
         }
-        debug!("{peer}: accepted by loop {}", self.index);
-        let conn = match kind {
-            Kind::Echo => Conn::new(peer, now, &self.cfg),
-            Kind::Metrics => Conn::new_metrics(peer, now),
+        debug!("{peer}: accepted by loop {} ({role:?})", self.index);
+        let conn = match role {
+            Role::Client => Conn::new(peer, now, &self.cfg),
+            Role::Busy => Conn::new_busy(peer, now),
+            Role::Metrics => Conn::new_metrics(peer, now),
         };
         entry.insert(Slot {
             socket: stream,
             conn,
-            echo,
+            role,
             generation: id.generation,
             registered: Want::Read,
             timer_tick: None,
             queued: false,
         });
-        self.settle(id, Next::Keep);
+        if role == Role::Busy {
+            // Its reply is ready: write it now.
+            self.drive(id, Hints::default(), now);
+        } else {
+            self.settle(id, Next::Keep);
+        }
     }
 
     // ----- shutdown ------------------------------------------------------------
@@ -582,15 +645,19 @@ impl EventLoop {
             let Some(slot) = slot_mut(&mut self.conns, id) else {
                 continue;
             };
+            let mut scratch = Scratch {
+                input: &mut self.input,
+                spare: &mut self.spare,
+            };
             let mut cx = Cx {
                 cfg: &self.cfg,
                 now,
-                input: &mut self.input,
-                spare: &mut self.spare,
                 tally: &mut self.tally,
                 metrics: &self.all_counters,
             };
-            let next = slot.conn.handle_shutdown(&mut slot.socket, &mut cx);
+            let next = slot
+                .conn
+                .handle_shutdown(&mut slot.socket, &mut scratch, &mut cx);
             self.settle(id, next);
         }
     }
@@ -606,7 +673,7 @@ impl EventLoop {
         let mut conns = std::mem::take(&mut self.conns);
         for mut slot in conns.drain() {
             let _ = self.poll.registry().deregister(&mut slot.socket);
-            self.release(slot.echo, CloseReason::Shutdown);
+            self.release(slot.role, CloseReason::Shutdown);
         }
         self.publish_tally();
     }
@@ -631,18 +698,11 @@ fn interrupted(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::Interrupted
 }
 
-/// Over `--max-connections`: one best-effort `error: server busy`, a FIN,
-/// whatever input is already there read away (so the close sends no RST
-/// over the reply), then close. Busy connections never enter the slab.
+/// Over `--max-connections` while [`MAX_LINGERING_BUSY`] busy clients are
+/// already lingering: one best-effort `error: server busy` and a close. A
+/// client that is still sending may then lose the line to an RST; the
+/// bound keeps a connection flood from costing unbounded descriptors.
 fn turn_away(mut stream: TcpStream, peer: std::net::SocketAddr) {
-    debug!("{peer}: server busy");
-    let _ = stream.write(b"error: server busy\n");
-    let _ = stream.shutdown(Shutdown::Write);
-    let mut sink = [0u8; 1024];
-    for _ in 0..4 {
-        match stream.read(&mut sink) {
-            Ok(n) if n > 0 => continue,
-            _ => break,
-        }
-    }
+    debug!("{peer}: server busy (not lingering)");
+    let _ = stream.write(crate::conn::BUSY_REPLY);
 }

@@ -42,7 +42,7 @@
 //! 4. A completed line stamps the connection's last-activity time; the
 //!    timer wheel is not touched. When its entry fires, the connection is
 //!    closed if really idle, else the entry is re-armed for the remainder.
-//! 5. All replies of that read leave in one `write`. What the kernel does
+//! 5. All replies of that turn's reads leave in one `write`. What the kernel does
 //!    not take stays in the connection's buffer, and only then is WRITABLE
 //!    interest registered. At `--max-pending-output` unsent bytes the
 //!    connection pauses (no reading, no framing) until below half.
@@ -62,7 +62,10 @@
 //! | `Lingering` | discards | — (write side shut) | client EOF, 64 KiB or 2 s → close |
 //!
 //! Closed is not a state: `Next::Close(reason)` makes the loop release the
-//! socket, the slab slot and (by generation) the timer entry in one place.
+//! socket and the slab slot in one place. Its timer entry is not searched
+//! for: the entry carries the slot's generation and is dropped unread when
+//! it fires (at most one idle timeout later), so the wheel holds at most one
+//! stale entry per connection closed in the last idle period.
 //! Idle timeout and connection reset close from any state.
 //!
 //! ## Where each SPEC rule lives

@@ -53,8 +53,11 @@ pub enum Accepted {
     /// `ENOMEM`): retrying at once would spin, so pause accepting.
     Exhausted(io::Error),
     /// One handshake failed (`ECONNABORTED`, `EPROTO`, `EPERM`, network
-    /// down…): skip it and accept the next.
+    /// down…, the list of accept(2)): skip it and accept the next.
     Transient(io::Error),
+    /// Anything else (`EINVAL` on a socket that is not listening, …): it
+    /// would fail again at once, so treat it like exhaustion and pause.
+    Failed(io::Error),
 }
 
 /// Accepts one connection and names the outcome.
@@ -65,9 +68,31 @@ pub fn accept(listener: &TcpListener) -> Accepted {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Accepted::WouldBlock,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) if is_exhaustion(&e) => Accepted::Exhausted(e),
-            Err(e) => Accepted::Transient(e),
+            Err(e) if is_transient(&e) => Accepted::Transient(e),
+            Err(e) => Accepted::Failed(e),
         };
     }
+}
+
+/// The network errors accept(2) says to treat like `EAGAIN`, plus
+/// `ECONNABORTED` and `EPERM` (a firewall rule refused the connection).
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+                | libc::ETIMEDOUT
+        )
+    )
 }
 
 fn is_exhaustion(e: &io::Error) -> bool {

@@ -57,13 +57,8 @@ impl<K: Copy + std::fmt::Debug> Timer<K> {
         }
     }
 
-    /// The length of one unit.
-    pub fn tick(&self) -> Duration {
-        self.tick
-    }
-
     /// The first tick at or after `at` (rounding up, so nothing fires early).
-    pub fn tick_of(&self, at: Instant) -> u64 {
+    fn tick_of(&self, at: Instant) -> u64 {
         let since = at.saturating_duration_since(self.origin).as_nanos();
         let unit = self.tick.as_nanos();
         since.div_ceil(unit) as u64
@@ -139,17 +134,14 @@ impl<K: Copy + std::fmt::Debug> Timer<K> {
             Skip::None => 1,
             Skip::Millis(n) => u64::from(n) + 1,
         };
-        let ticks = u32::try_from(self.now_tick + ticks_ahead).unwrap_or(u32::MAX);
-        self.origin.checked_add(self.tick.saturating_mul(ticks))
-    }
-
-    /// Entries in the wheel, superseded ones included.
-    pub fn len(&self) -> usize {
-        self.len
+        let nanos = self.tick.as_nanos() * u128::from(self.now_tick + ticks_ahead);
+        self.origin
+            .checked_add(Duration::from_nanos(u64::try_from(nanos).ok()?))
     }
 
     /// True when nothing is scheduled.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len == 0
     }
 }

@@ -209,6 +209,14 @@ fn metric(page: &str, name: &str) -> u64 {
         .unwrap()
 }
 
+/// Waits until the metric reads `value`.
+fn wait_metric(server: &Server, name: &str, value: u64) {
+    let addr = server.metrics.unwrap();
+    server.wait_until(Duration::from_secs(5), name, |_| {
+        metric(&http_get(addr, "/metrics"), name) == value
+    });
+}
+
 #[test]
 fn metrics_count_connections_lines_bytes_and_close_reasons() {
     let server = Server::start_raw(
@@ -237,6 +245,12 @@ fn metrics_count_connections_lines_bytes_and_close_reasons() {
     b.write_all(b"123456789\n").unwrap();
     b.shutdown(Shutdown::Write).unwrap();
     read_to_eof(&mut b);
+    // The server closes once it has read our EOF too.
+    wait_metric(
+        &server,
+        "echoloop_connections_closed_total{reason=\"too_long\"}",
+        1,
+    );
     // open: three held, the fourth is busy.
     let mut held: Vec<TcpStream> = (0..3).map(|_| server.connect()).collect();
     for c in held.iter_mut() {
@@ -244,6 +258,13 @@ fn metrics_count_connections_lines_bytes_and_close_reasons() {
     }
     let mut busy = server.connect();
     assert_eq!(read_to_eof(&mut busy), b"error: server busy\n");
+    // The busy connection lingers until its client closes too.
+    drop(busy);
+    wait_metric(
+        &server,
+        "echoloop_connections_closed_total{reason=\"busy\"}",
+        1,
+    );
 
     let page = http_get(metrics, "/metrics");
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
@@ -276,7 +297,8 @@ fn metrics_count_connections_lines_bytes_and_close_reasons() {
     );
     let sent = said(b"one").len() * 2
         + "error: line too long (max 8 bytes)\n".len()
-        + 3 * said(b"hi").len();
+        + 3 * said(b"hi").len()
+        + "error: server busy\n".len();
     assert_eq!(metric(&page, "echoloop_sent_bytes_total"), sent as u64);
 
     let other = http_get(metrics, "/other");
