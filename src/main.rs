@@ -85,10 +85,11 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         Some(addr) => Some(bind_all(&[addr], threads)?),
         None => None,
     };
-    announce(&echo[0], "Echoing on")?;
-    if let Some(m) = &metrics {
-        announce(&m[0], "Metrics on")?;
-    }
+    let echo_addrs = local_addrs(&echo[0])?;
+    let metrics_addrs = match &metrics {
+        Some(m) => local_addrs(&m[0])?,
+        None => Vec::new(),
+    };
 
     let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
     let exited = Arc::new(Waker::new(poll.registry(), LOOP_EXITED).map_err(|e| e.to_string())?);
@@ -119,11 +120,14 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
             .map_err(|e| format!("thread: {e}"))?;
         running.push(t);
     }
-    notify(NotifyState::Ready);
-
     poll.registry()
         .register(&mut signals, SIGNALS, Interest::READABLE)
         .map_err(|e| format!("signals: {e}"))?;
+    // Only now, with every descriptor of the process open and the loops
+    // running, do we say where we serve.
+    announce(&echo_addrs, "Echoing on")?;
+    announce(&metrics_addrs, "Metrics on")?;
+    notify(NotifyState::Ready);
     let mut events = Events::with_capacity(8);
     let mut stopping = false;
     while finished.load(Ordering::SeqCst) < running.len() {
@@ -196,11 +200,18 @@ fn share_all(inherited: Vec<TcpListener>, threads: usize) -> Result<Vec<Vec<TcpL
         .collect()
 }
 
+/// The addresses the listeners really got (port 0 resolved).
+fn local_addrs(listeners: &[TcpListener]) -> Result<Vec<SocketAddr>, String> {
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map_err(|e| format!("listener: {e}")))
+        .collect()
+}
+
 /// Prints `<what> ADDR` per listener to stdout, flushed (SPEC §3).
-fn announce(listeners: &[TcpListener], what: &str) -> Result<(), String> {
+fn announce(addrs: &[SocketAddr], what: &str) -> Result<(), String> {
     let mut out = io::stdout().lock();
-    for l in listeners {
-        let addr = l.local_addr().map_err(|e| format!("listener: {e}"))?;
+    for addr in addrs {
         writeln!(out, "{what} {addr}").map_err(|e| format!("stdout: {e}"))?;
     }
     out.flush().map_err(|e| format!("stdout: {e}"))

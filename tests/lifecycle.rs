@@ -230,9 +230,18 @@ fn ten_thousand_concurrent_connections() {
         s.fd_count() >= baseline + n
     });
     drop(conns);
-    server.wait_until(
-        Duration::from_secs(20),
-        "descriptors back at baseline",
-        |s| s.fd_count() == baseline,
-    );
+    let start = Instant::now();
+    while server.fd_count() != baseline {
+        if start.elapsed() > Duration::from_secs(20) {
+            let log = server.stderr();
+            panic!(
+                "descriptors: {} open, baseline {baseline}; {} accepted, {} closed; last log lines:\n{}",
+                server.fd_count(),
+                log.matches(": accepted").count(),
+                log.matches(": closed (").count(),
+                log.lines().rev().take(20).collect::<Vec<_>>().join("\n")
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
 }
