@@ -276,8 +276,11 @@ impl EventLoop {
     /// Runs until a requested shutdown has finished (or timed out).
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        // The clock is read once a turn, right after `poll`; the timeout is
+        // computed from that reading (stale by one turn's work, which only
+        // makes a timer fire that much later, never earlier).
+        let mut now = Instant::now();
         loop {
-            let now = Instant::now();
             if let Some(deadline) = self.shutdown_deadline
                 && (self.conns.is_empty() || now >= deadline)
             {
@@ -291,7 +294,7 @@ impl EventLoop {
                 }
                 return Err(e);
             }
-            let now = Instant::now();
+            now = Instant::now();
             for event in events.iter() {
                 match source(event.token()) {
                     Source::Waker => {
