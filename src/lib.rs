@@ -61,6 +61,10 @@
 //! | `Flushing(reason)` | no | backlog | backlog empty → close (EOF) or `Lingering` |
 //! | `Lingering` | discards | — (write side shut) | client EOF, 64 KiB or 2 s → close |
 //!
+//! A client over `--max-connections` starts in `Flushing(Busy)` with
+//! `error: server busy` queued, then lingers like any error close (at most
+//! 8 such per loop; beyond that it gets one write and a close).
+//!
 //! Closed is not a state: `Next::Close(reason)` makes the loop release the
 //! socket and the slab slot in one place. Its timer entry is not searched
 //! for: the entry carries the slot's generation and is dropped unread when
