@@ -37,7 +37,7 @@ pub struct Cli {
     pub max_pending_output: usize,
 
     /// Live connections per process before new ones get `error: server busy`
-    /// [default: the open-file limit minus each loop's listeners and poll, and a reserve of 40].
+    /// [default: the open-file limit minus what the process needs itself, 59 with one loop].
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
 
