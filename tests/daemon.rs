@@ -128,9 +128,10 @@ fn sigterm_on_an_idle_server_exits_0_promptly() {
     }
 }
 
-#[test]
-fn shutdown_timeout_drops_clients_that_do_not_read() {
-    let mut server = Server::start(&["--shutdown-timeout", "500ms"]);
+/// A client that sends 16 MiB of empty lines and reads none of the
+/// replies, so the server has output it cannot flush; returned once its
+/// backlog has built up.
+fn flood_without_reading(server: &Server) -> TcpStream {
     let c = server.connect();
     let mut w = c.try_clone().unwrap();
     thread::spawn(move || {
@@ -142,6 +143,13 @@ fn shutdown_timeout_drops_clients_that_do_not_read() {
         }
     });
     thread::sleep(Duration::from_millis(300));
+    c
+}
+
+#[test]
+fn shutdown_timeout_drops_clients_that_do_not_read() {
+    let mut server = Server::start(&["--shutdown-timeout", "500ms"]);
+    let c = flood_without_reading(&server);
     let start = Instant::now();
     server.signal(libc::SIGINT);
     assert_eq!(server.wait_exit(Duration::from_secs(10)), Some(0));
@@ -156,17 +164,7 @@ fn shutdown_timeout_drops_clients_that_do_not_read() {
 #[test]
 fn a_second_signal_exits_at_once() {
     let mut server = Server::start(&["--shutdown-timeout", "60s"]);
-    let c = server.connect();
-    let mut w = c.try_clone().unwrap();
-    thread::spawn(move || {
-        let block = vec![b'\n'; 1 << 16];
-        for _ in 0..256 {
-            if w.write_all(&block).is_err() {
-                break;
-            }
-        }
-    });
-    thread::sleep(Duration::from_millis(300));
+    let c = flood_without_reading(&server);
     server.signal(libc::SIGTERM);
     thread::sleep(Duration::from_millis(300));
     let start = Instant::now();
