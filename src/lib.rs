@@ -58,7 +58,7 @@
 //! | `Request` | an HTTP head | — | complete → the `/metrics` page (or 404/400) queued, `Flushing` |
 //! | `Open` | yes, per budget | replies | EOF → `Flushing(Eof)`; too long → `Flushing(TooLong)`; backlog full → `Paused` |
 //! | `Paused` | no | backlog | backlog < half → `Open` (buffered lines answered at once) |
-//! | `Flushing(reason)` | no | backlog | backlog empty → close (EOF) or `Lingering` |
+//! | `Flushing(reason)` | no | backlog | backlog empty → close if the client's EOF was read, else `Lingering` |
 //! | `Lingering` | discards | — (write side shut) | client EOF, 64 KiB or 2 s → close |
 //!
 //! A client over `--max-connections` starts in `Flushing(Busy)` with
