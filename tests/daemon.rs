@@ -303,6 +303,18 @@ fn metrics_count_connections_lines_bytes_and_close_reasons() {
     assert!(other.starts_with("HTTP/1.1 404"), "{other}");
 }
 
+#[test]
+fn a_metrics_request_that_never_ends_is_closed() {
+    let server = Server::start_raw(&["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"], 2);
+    let mut c = connect(server.metrics.unwrap());
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    // The head never ends: closed after the 5 s request timeout.
+    let took = wait_closed(&mut c);
+    assert!(took >= Duration::from_secs(4), "{took:?}");
+    assert!(took < Duration::from_secs(9), "{took:?}");
+}
+
 // ----- PROXY protocol ---------------------------------------------------------------
 
 #[test]
