@@ -173,6 +173,12 @@ pub struct Conn {
     eof_read: bool,
     /// The read budget ran out with input possibly left in the kernel.
     read_again: bool,
+    /// A busy or metrics connection: owed one answer, then closed, within
+    /// the request timeout.
+    one_answer: bool,
+    /// The server is shutting down: after the lines already read are
+    /// answered, no more reading.
+    shutting_down: bool,
 }
 
 /// The outcome of one `read`, mapped from `io::Result` where the call is.
@@ -244,6 +250,8 @@ impl Conn {
             fin_seen: false,
             eof_read: false,
             read_again: false,
+            one_answer: !matches!(state, State::Open | State::ProxyHeader),
+            shutting_down: false,
         }
     }
 
@@ -318,9 +326,10 @@ impl Conn {
     }
 
     /// The server is stopping (SIGINT/SIGTERM): read what the client has
-    /// already sent (up to `shutdown_read_limit`), answer every complete
-    /// line, even those waiting behind a pause, then flush and close. The
-    /// shutdown timeout bounds the whole wait.
+    /// already sent (up to `shutdown_read_limit`), answer its complete
+    /// lines, flush and close. The output bound still holds: a connection
+    /// that pauses answers the rest of what it read as its backlog drains,
+    /// and the shutdown timeout bounds the whole wait.
     pub fn handle_shutdown(
         &mut self,
         io: &mut impl Io,
@@ -328,33 +337,16 @@ impl Conn {
         cx: &mut Cx,
     ) -> Next {
         self.borrow_spare(scratch);
+        self.shutting_down = true;
         let mut next = Next::Keep;
-        let mut budget = cx.cfg.shutdown_read_limit;
-        loop {
-            if self.state == State::Paused {
-                // Shutdown lifts the backpressure: the shutdown timeout
-                // bounds the wait for a client that does not read.
-                self.set_state(State::Open);
-                let buffered = mem::take(&mut self.rbuf);
-                self.answer(&buffered, usize::MAX, cx);
-            }
-            if self.state != State::Open || budget == 0 || next != Next::Keep {
-                break;
-            }
-            let before = cx.tally.received;
-            next = self.read_input(io, budget, scratch.input, cx);
-            budget = budget.saturating_sub((cx.tally.received - before) as usize);
-            if self.state != State::Paused {
-                break;
-            }
+        if self.state == State::Open {
+            next = self.read_input(io, cx.cfg.shutdown_read_limit, scratch.input, cx);
         }
         match self.state {
-            State::Open => {
-                self.rbuf = BytesMut::new(); // an unfinished line is not a line yet
-                self.set_state(State::Flushing(CloseReason::Shutdown));
-            }
+            State::Open => self.stop_reading(),
             // Nothing was asked of these yet: they just go.
             State::ProxyHeader | State::Request => next = Next::Close(CloseReason::Shutdown),
+            // Paused: `resume` finishes the job; the others are closing.
             _ => {}
         }
         self.end_turn(io, next, scratch, cx)
@@ -380,6 +372,9 @@ impl Conn {
             State::Lingering { until, .. } => Some(until),
             State::ProxyHeader => cfg.proxy_header_timeout.map(|t| self.last_line + t),
             State::Request => Some(self.last_line + cfg.request_timeout),
+            // Owed one answer only: done within the request timeout of
+            // opening (`last_line` never moves for them), idle timeout or not.
+            _ if self.one_answer => Some(self.last_line + cfg.request_timeout),
             _ => cfg.idle_timeout.map(|idle| self.last_line + idle),
         }
     }
@@ -648,7 +643,9 @@ impl Conn {
                     }
                 }
             }
-            if self.state == State::Paused && self.wbuf.len() <= cx.cfg.max_pending_output / 2 {
+            if self.state == State::Paused
+                && self.wbuf.len() < cx.cfg.max_pending_output.div_ceil(2)
+            {
                 self.resume(cx);
                 if !self.wbuf.is_empty() {
                     continue; // write the replies to the lines just answered
@@ -669,8 +666,18 @@ impl Conn {
         let buffered = mem::take(&mut self.rbuf);
         self.answer(&buffered, cx.cfg.max_pending_output, cx);
         if self.state == State::Open {
-            self.read_again = true;
+            if self.shutting_down {
+                self.stop_reading();
+            } else {
+                self.read_again = true;
+            }
         }
+    }
+
+    /// Shutdown: an unfinished line is not a line yet; flush and close.
+    fn stop_reading(&mut self) {
+        self.rbuf = BytesMut::new();
+        self.set_state(State::Flushing(CloseReason::Shutdown));
     }
 
     /// Everything is sent: close now if the client's EOF was read, else shut
@@ -1027,6 +1034,17 @@ mod tests {
         assert_eq!(h.io(&mut conn, &mut io), Next::Close(CloseReason::Busy));
     }
 
+    #[test]
+    fn busy_is_bounded_in_time_even_without_an_idle_timeout() {
+        let mut h = Harness::with(Config {
+            idle_timeout: None,
+            ..Config::default()
+        });
+        let mut conn = Conn::new_busy(peer(), h.now);
+        let _ = h.io(&mut conn, &mut Script::new().room(0));
+        assert_eq!(conn.deadline(&h.cfg), Some(h.now + h.cfg.request_timeout));
+    }
+
     // ----- Paused ---------------------------------------------------------
 
     #[test]
@@ -1095,7 +1113,10 @@ mod tests {
 
     #[test]
     fn shutdown_answers_everything_already_sent() {
-        let mut h = Harness::new();
+        let mut h = Harness::with(Config {
+            max_pending_output: 1 << 20,
+            ..Config::default()
+        });
         let mut conn = conn_open(&h);
         // Far more than one turn's read budget, all sent before the signal.
         let lines: Vec<u8> = (0..20_000)
@@ -1105,6 +1126,31 @@ mod tests {
         assert_eq!(h.shutdown(&mut conn, &mut io), Next::Keep);
         assert_eq!(h.tally.lines, 20_000);
         assert!(io.shut);
+    }
+
+    #[test]
+    fn shutdown_keeps_the_output_bound_for_a_client_that_does_not_read() {
+        let mut h = Harness::with(Config {
+            max_pending_output: 1024,
+            ..Config::default()
+        });
+        let mut conn = conn_open(&h);
+        // 64 KiB of empty lines would be 768 KiB of replies.
+        let mut io = Script::new().data(&[b'\n'; 65536]).room(0);
+        assert_eq!(h.shutdown(&mut conn, &mut io), Next::Keep);
+        assert!(conn.pending_output() <= 1024 + said(b"").len());
+        assert_eq!(conn.state(), State::Paused);
+        // As the client reads, the rest of what was read (one read of the
+        // harness's 4 KiB buffer) is answered, then the close; what it sent
+        // after is not read once shutting down.
+        io.room = usize::MAX;
+        for _ in 0..1000 {
+            if h.io(&mut conn, &mut io) != Next::Keep || conn.state() != State::Paused {
+                break;
+            }
+        }
+        assert!(matches!(conn.state(), State::Lingering { .. }));
+        assert_eq!(io.written.len(), 4096 * said(b"").len());
     }
 
     fn said(content: &[u8]) -> Vec<u8> {

@@ -276,11 +276,8 @@ impl EventLoop {
     /// Runs until a requested shutdown has finished (or timed out).
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
-        // The clock is read once a turn, right after `poll`; the timeout is
-        // computed from that reading (stale by one turn's work, which only
-        // makes a timer fire that much later, never earlier).
-        let mut now = Instant::now();
         loop {
+            let now = Instant::now();
             if let Some(deadline) = self.shutdown_deadline
                 && (self.conns.is_empty() || now >= deadline)
             {
@@ -294,7 +291,7 @@ impl EventLoop {
                 }
                 return Err(e);
             }
-            now = Instant::now();
+            let now = Instant::now();
             for event in events.iter() {
                 match source(event.token()) {
                     Source::Waker => {
@@ -354,15 +351,11 @@ impl EventLoop {
             input: &mut self.input,
             spare: &mut self.spare,
         };
-        // A metrics scrape is not echo traffic: its bytes are not counted.
         let mut uncounted = Tally::default();
         let mut cx = Cx {
             cfg: &self.cfg,
             now,
-            tally: match slot.role {
-                Role::Metrics => &mut uncounted,
-                Role::Client | Role::Busy => &mut self.tally,
-            },
+            tally: tally_for(slot.role, &mut self.tally, &mut uncounted),
             metrics: &self.all_counters,
         };
         let next = slot
@@ -652,10 +645,11 @@ impl EventLoop {
                 input: &mut self.input,
                 spare: &mut self.spare,
             };
+            let mut uncounted = Tally::default();
             let mut cx = Cx {
                 cfg: &self.cfg,
                 now,
-                tally: &mut self.tally,
+                tally: tally_for(slot.role, &mut self.tally, &mut uncounted),
                 metrics: &self.all_counters,
             };
             let next = slot
@@ -679,6 +673,15 @@ impl EventLoop {
             self.release(slot.role, CloseReason::Shutdown);
         }
         self.publish_tally();
+    }
+}
+
+/// Where a connection's traffic is counted: a metrics scrape is not echo
+/// traffic, so its bytes go to a tally nobody reads.
+fn tally_for<'a>(role: Role, tally: &'a mut Tally, uncounted: &'a mut Tally) -> &'a mut Tally {
+    match role {
+        Role::Metrics => uncounted,
+        Role::Client | Role::Busy => tally,
     }
 }
 

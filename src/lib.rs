@@ -70,7 +70,8 @@
 //! for: the entry carries the slot's generation and is dropped unread when
 //! it fires (at most one idle timeout later), so the wheel holds at most one
 //! stale entry per connection closed in the last idle period.
-//! Idle timeout and connection reset close from any state.
+//! Idle timeout (`Lingering` has its own 2 s bound instead) and connection
+//! reset close from any state.
 //!
 //! ## Where each SPEC rule lives
 //!
