@@ -156,9 +156,10 @@ struct Slot {
     generation: u32,
     /// The interest currently registered with the poll.
     registered: Want,
-    /// The tick of this connection's live timer entry, if one is armed;
-    /// entries with another tick are stale and ignored when they fire.
-    timer_tick: Option<u64>,
+    /// The deadline of this connection's live timer entry, if one is
+    /// armed; entries for another deadline are stale and ignored when they
+    /// fire.
+    armed: Option<Instant>,
     /// On the ready list already.
     queued: bool,
     /// What the connection is to the server (how it is counted).
@@ -395,9 +396,9 @@ impl EventLoop {
             // Only an earlier deadline needs a new entry: a later one is
             // picked up when the armed entry fires (Netty's idle pattern),
             // so a line never touches the wheel.
-            let due = self.timer.due_tick(deadline);
-            if slot.timer_tick.is_none_or(|armed| armed > due) {
-                slot.timer_tick = Some(self.timer.schedule(id, deadline));
+            if slot.armed.is_none_or(|armed| armed > deadline) {
+                self.timer.schedule(id, deadline);
+                slot.armed = Some(deadline);
             }
         }
     }
@@ -454,10 +455,10 @@ impl EventLoop {
             let Some(slot) = slot_mut(&mut self.conns, id) else {
                 continue;
             };
-            if slot.timer_tick != Some(entry.tick) {
+            if slot.armed != Some(entry.at) {
                 continue;
             }
-            slot.timer_tick = None;
+            slot.armed = None;
             let next = slot.conn.handle_timeout(now, &self.cfg);
             self.settle(id, next);
         }
@@ -599,7 +600,7 @@ impl EventLoop {
             role,
             generation: id.generation,
             registered: Want::Read,
-            timer_tick: None,
+            armed: None,
             queued: false,
         });
         if role == Role::Busy {

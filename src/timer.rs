@@ -11,7 +11,7 @@
 //!   200 ms unit means 5;
 //! - an entry never fires early: a deadline is rounded *up* to a whole tick.
 //!
-//! The wheel only holds [`Entry`]s (a connection id and the tick it was
+//! The wheel only holds [`Entry`]s (a connection id and the deadline it was
 //! scheduled for). It never cancels anything: an entry whose connection is
 //! gone, was replaced, or re-armed is ignored by the caller when it fires
 //! (spurious expiries are no-ops, as in quinn-proto's `handle_timeout`).
@@ -22,14 +22,14 @@ use hierarchical_hash_wheel_timer::wheels::Skip;
 use hierarchical_hash_wheel_timer::wheels::quad_wheel::QuadWheelWithOverflow;
 use std::time::{Duration, Instant};
 
-/// One scheduled wake-up: whom it is for and when (in ticks since `origin`).
+/// One scheduled wake-up: whom it is for and the deadline it stands for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry<K> {
     /// Whose deadline this is (a connection id with its generation).
     pub key: K,
-    /// The tick at which it fires; the owner compares it with the tick it
-    /// remembers to tell a live entry from a superseded one.
-    pub tick: u64,
+    /// The deadline it was scheduled for; the owner compares it with the
+    /// deadline it remembers to tell a live entry from a superseded one.
+    pub at: Instant,
 }
 
 /// A hashed wheel of [`Entry`]s driven by real time in units of `tick`.
@@ -64,26 +64,19 @@ impl<K: Copy + std::fmt::Debug> Timer<K> {
         since.div_ceil(unit) as u64
     }
 
-    /// The tick an entry for `at` would fire at: the first tick at or after
-    /// `at`, and at the earliest the next one.
-    pub fn due_tick(&self, at: Instant) -> u64 {
-        self.tick_of(at).max(self.now_tick + 1)
-    }
-
-    /// Schedules `key` to fire at [`Timer::due_tick`] of `at` and returns
-    /// that tick.
-    pub fn schedule(&mut self, key: K, at: Instant) -> u64 {
-        let tick = self.due_tick(at);
+    /// Schedules `key` to fire at the first tick at or after `at` (at the
+    /// earliest the next tick: a deadline already due fires then).
+    pub fn schedule(&mut self, key: K, at: Instant) {
+        let tick = self.tick_of(at).max(self.now_tick + 1);
         let delay = Duration::from_millis(tick - self.now_tick);
         // The delay is at least one unit, so the wheel never answers
         // `Expired`; if it ever did, the entry would be lost, so fail loudly
         // in debug builds rather than silently.
-        let inserted = self.wheel.insert_with_delay(Entry { key, tick }, delay);
+        let inserted = self.wheel.insert_with_delay(Entry { key, at }, delay);
         debug_assert!(inserted.is_ok(), "wheel rejected a future entry");
         if inserted.is_ok() {
             self.len += 1;
         }
-        tick
     }
 
     /// Advances the wheel to `now` and returns the entries that fired.
@@ -166,11 +159,16 @@ mod tests {
     #[test]
     fn entry_fires_at_its_tick_never_early() {
         let (mut t, t0) = timer();
-        let tick = t.schedule(7, t0 + 250 * MS);
-        assert_eq!(tick, 3);
+        t.schedule(7, t0 + 250 * MS);
         assert!(t.expired(t0 + 299 * MS).is_empty());
         let fired = t.expired(t0 + 300 * MS);
-        assert_eq!(fired, vec![Entry { key: 7, tick: 3 }]);
+        assert_eq!(
+            fired,
+            vec![Entry {
+                key: 7,
+                at: t0 + 250 * MS
+            }]
+        );
         assert!(t.is_empty());
         assert_eq!(t.next_wakeup(), None);
     }
@@ -178,7 +176,8 @@ mod tests {
     #[test]
     fn due_deadline_fires_next_tick() {
         let (mut t, t0) = timer();
-        assert_eq!(t.schedule(1, t0), 1);
+        t.schedule(1, t0);
+        assert!(t.expired(t0 + 99 * MS).is_empty());
         assert_eq!(t.expired(t0 + 100 * MS).len(), 1);
     }
 
