@@ -131,6 +131,15 @@ enum Role {
     Metrics,
 }
 
+/// What the loop tells a connection in [`EventLoop::drive`].
+#[derive(Clone, Copy, Debug)]
+enum Happened {
+    /// Its socket may be ready (or it is served from the ready list).
+    Io(Hints),
+    /// The server is shutting down.
+    Shutdown,
+}
+
 /// What a listening socket accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -308,7 +317,7 @@ impl EventLoop {
                                 || event.is_error(),
                             read_closed: event.is_read_closed(),
                         };
-                        self.drive(id, hints, now);
+                        self.drive(id, Happened::Io(hints), now);
                     }
                 }
             }
@@ -339,15 +348,12 @@ impl EventLoop {
 
     // ----- connections --------------------------------------------------
 
-    /// Lets connection `id` do its I/O, then settles the verdict.
-    fn drive(&mut self, id: ConnId, mut hints: Hints, now: Instant) {
+    /// Tells connection `id` what happened, lending it the loop's buffers,
+    /// then settles the verdict.
+    fn drive(&mut self, id: ConnId, event: Happened, now: Instant) {
         let Some(slot) = slot_mut(&mut self.conns, id) else {
             return; // stale: the connection is gone
         };
-        if slot.queued {
-            // Its read is coming from the ready list this very turn.
-            hints.readable = false;
-        }
         let mut scratch = Scratch {
             input: &mut self.input,
             spare: &mut self.spare,
@@ -359,9 +365,20 @@ impl EventLoop {
             tally: tally_for(slot.role, &mut self.tally, &mut uncounted),
             metrics: &self.all_counters,
         };
-        let next = slot
-            .conn
-            .handle_io(&mut slot.socket, hints, &mut scratch, &mut cx);
+        let next = match event {
+            Happened::Io(mut hints) => {
+                if slot.queued {
+                    // Its read is coming from the ready list this very turn.
+                    hints.readable = false;
+                }
+                let socket = &mut slot.socket;
+                slot.conn.handle_io(socket, hints, &mut scratch, &mut cx)
+            }
+            Happened::Shutdown => {
+                let socket = &mut slot.socket;
+                slot.conn.handle_shutdown(socket, &mut scratch, &mut cx)
+            }
+        };
         self.settle(id, next);
     }
 
@@ -439,7 +456,7 @@ impl EventLoop {
                     readable: true,
                     read_closed: false,
                 };
-                self.drive(id, hints, now);
+                self.drive(id, Happened::Io(hints), now);
             }
         }
         ids.clear();
@@ -605,7 +622,7 @@ impl EventLoop {
         });
         if role == Role::Busy {
             // Its reply is ready: write it now.
-            self.drive(id, Hints::default(), now);
+            self.drive(id, Happened::Io(Hints::default()), now);
         } else {
             self.settle(id, Next::Keep);
         }
@@ -639,24 +656,7 @@ impl EventLoop {
             })
             .collect();
         for id in ids {
-            let Some(slot) = slot_mut(&mut self.conns, id) else {
-                continue;
-            };
-            let mut scratch = Scratch {
-                input: &mut self.input,
-                spare: &mut self.spare,
-            };
-            let mut uncounted = Tally::default();
-            let mut cx = Cx {
-                cfg: &self.cfg,
-                now,
-                tally: tally_for(slot.role, &mut self.tally, &mut uncounted),
-                metrics: &self.all_counters,
-            };
-            let next = slot
-                .conn
-                .handle_shutdown(&mut slot.socket, &mut scratch, &mut cx);
-            self.settle(id, next);
+            self.drive(id, Happened::Shutdown, now);
         }
     }
 
