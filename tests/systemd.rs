@@ -9,102 +9,14 @@
 mod common;
 
 use common::*;
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread;
 use std::time::{Duration, Instant};
-
-/// A running echoloop started by this file's own helpers; killed when
-/// dropped.
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Daemon {
-    /// Spawns `cmd` (made by [`command`]) with stdout and stderr piped and
-    /// reads its first `Echoing on ADDR` line.
-    fn spawn(mut cmd: Command) -> Daemon {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("start echoloop");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let err_pipe = child.stderr.take().unwrap();
-        let sink = stderr.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(err_pipe).lines() {
-                let Ok(line) = line else { break };
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).expect("read startup line");
-        let Some(addr) = line.trim().strip_prefix("Echoing on ") else {
-            let _ = child.kill();
-            let _ = child.wait();
-            thread::sleep(Duration::from_millis(100));
-            panic!(
-                "unexpected startup line {line:?}; stderr:\n{}",
-                stderr.lock().unwrap()
-            );
-        };
-        let addr = addr.parse().expect("address in the startup line");
-        Daemon {
-            child,
-            addr,
-            stderr,
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on the PID of our own, not yet reaped, child.
-        unsafe {
-            libc::kill(self.pid(), sig);
-        }
-    }
-
-    fn wait_exit(&mut self, within: Duration) -> Option<i32> {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(
-                start.elapsed() < within,
-                "echoloop did not exit; stderr:\n{}",
-                self.stderr()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// `program` with `RUST_LOG=debug` and none of the systemd variables the
 /// test process itself may have inherited.
@@ -186,7 +98,7 @@ fn recv_until(
     wanted: &str,
     within: Duration,
     seen: &mut Vec<String>,
-    daemon: &mut Daemon,
+    daemon: &mut Server,
 ) {
     let start = Instant::now();
     let mut buf = [0u8; 4096];
@@ -225,12 +137,12 @@ fn recv_until(
 fn serves_on_the_socket_systemd_passes() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let daemon = Daemon::spawn(activated(&listener, &[]));
+    let daemon = Server::start_cmd(activated(&listener, &[]), &[], 1);
     // From here on only echoloop holds the socket: if it had not taken it,
     // connections would be refused.
     drop(listener);
     assert_eq!(
-        daemon.addr,
+        daemon.addr(),
         addr,
         "the startup line must name the inherited socket; stderr:\n{}",
         daemon.stderr()
@@ -252,10 +164,10 @@ fn activation_for_another_pid_is_ignored() {
         .env("LISTEN_PID", "1")
         .env("LISTEN_FDS", "1");
     with_fd3(&mut cmd, &decoy);
-    let daemon = Daemon::spawn(cmd);
+    let daemon = Server::start_cmd(cmd, &[], 1);
     drop(decoy);
-    assert_ne!(daemon.addr, decoy_addr, "took a socket meant for pid 1");
-    let mut c = connect(daemon.addr);
+    assert_ne!(daemon.addr(), decoy_addr, "took a socket meant for pid 1");
+    let mut c = connect(daemon.addr());
     exchange(&mut c, b"x\n", &said(b"x"));
 }
 
@@ -267,7 +179,7 @@ fn notifies_ready_and_stopping() {
     let mut cmd = command(env!("CARGO_BIN_EXE_echoloop"));
     cmd.args(["--listen", "127.0.0.1:0"])
         .env("NOTIFY_SOCKET", &path);
-    let mut daemon = Daemon::spawn(cmd);
+    let mut daemon = Server::start_cmd(cmd, &[], 1);
 
     let mut seen = Vec::new();
     recv_until(
@@ -282,7 +194,7 @@ fn notifies_ready_and_stopping() {
         "STOPPING before READY: {seen:?}"
     );
     // Ready means listening.
-    let mut c = connect(daemon.addr);
+    let mut c = connect(daemon.addr());
     exchange(&mut c, b"ready?\n", &said(b"ready?"));
     drop(c);
 
@@ -314,9 +226,9 @@ fn activated_and_notifying_together() {
     let addr = listener.local_addr().unwrap();
     let mut cmd = activated(&listener, &[]);
     cmd.env("NOTIFY_SOCKET", &path);
-    let mut daemon = Daemon::spawn(cmd);
+    let mut daemon = Server::start_cmd(cmd, &[], 1);
     drop(listener);
-    assert_eq!(daemon.addr, addr);
+    assert_eq!(daemon.addr(), addr);
 
     let mut seen = Vec::new();
     recv_until(

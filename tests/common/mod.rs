@@ -59,7 +59,9 @@ impl Server {
         Server::start_cmd(cmd, &full, 1)
     }
 
-    fn start_cmd(mut cmd: Command, args: &[&str], lines: usize) -> Server {
+    /// Starts `cmd <args>` (a command that runs echoloop, perhaps through a
+    /// wrapper) and waits for `lines` startup lines.
+    pub fn start_cmd(mut cmd: Command, args: &[&str], lines: usize) -> Server {
         let mut child = cmd
             .args(args)
             .env("RUST_LOG", "debug")
