@@ -1,44 +1,54 @@
-//! One client connection as an explicit state machine, driven without sockets.
+//! One client connection as an explicit state machine.
 //!
-//! [`Conn`] holds what a connection is doing ([`State`]), its unfinished
-//! input and its unsent replies. It never owns a socket, a poll or a timer:
-//! the event loop hands it something that reads and writes ([`Io`]), the
-//! loop's buffers ([`Scratch`]) and the current time ([`Cx`]), and then asks
-//! it questions. So it is tested with scripted byte streams and a clock the
-//! test moves (see the tests at the bottom).
+//! [`Conn`] holds what a connection is doing ([`State`], each variant with
+//! the data only it needs), its unanswered input ([`Framer`]) and its unsent
+//! replies. It owns no socket, poll or timer. In the rustls model (not
+//! quinn-proto's fully sans-IO one), the loop hands it something to read and
+//! write ([`Io`]: the socket, or a script in tests), the loop's buffers
+//! ([`Scratch`]) and the time ([`Cx`]), and the connection does its own
+//! `read`/`write` calls on it, then answers questions. So it is tested with
+//! scripted byte streams and a clock the test moves (the tests at the bottom
+//! are grouped by the state they start in).
 //!
 //! # Vocabulary (after quinn-proto's `Connection`)
 //! - "this happened": [`Conn::handle_io`] (the socket may be ready),
 //!   [`Conn::handle_timeout`] (a deadline may have passed),
 //!   [`Conn::handle_shutdown`] (the server is stopping). Each returns
-//!   [`Next`]: keep the connection, or close it for a [`CloseReason`].
-//! - "what do you want now": [`Conn::interest`] (readiness to wait for),
-//!   [`Conn::deadline`] (when to be woken), [`Conn::read_again`] (input is
-//!   probably still waiting in the kernel: serve me again next turn).
+//!   [`Next`]: wait, serve me again next turn, or close for a
+//!   [`CloseReason`].
+//! - "what do you want now": [`Conn::interest`] (readiness to wait for) and
+//!   [`Conn::deadline`] (when to be woken).
+//!
+//! # One switch
+//! `Conn::drive` is the machine (memcached's `drive_machine`): a loop around
+//! one `match` on the state. Each arm does one step with helpers that return
+//! named outcomes ([`Read`], [`Framed`](crate::line::Framed), [`Wrote`]) and
+//! says where to go next; only the arms change the state, through
+//! `Conn::set_state`, which logs each real change at `trace`.
 //!
 //! # Invariants
-//! - In [`State::Open`], `rbuf` holds at most one partial line (no `\n`) of
-//!   at most `max_line + 1` bytes: the line limit is applied while a line
-//!   arrives. In [`State::Paused`] it may also hold whole lines not answered
-//!   yet (at most one read's worth more).
-//! - Lines are only answered while `wbuf` is below `max_pending_output`, so
-//!   unsent output exceeds it by at most one reply (at shutdown, by the
-//!   replies to what the client had already sent).
+//! - In [`State::Open`] the framer holds at most one partial line of at most
+//!   `max_line + 1` bytes. In [`State::Paused`] it may also hold whole lines
+//!   not answered yet (at most one read's worth more).
+//! - Lines are only answered while unsent output is below
+//!   `max_pending_output`, so it exceeds that by at most one reply.
 //! - Both buffers are released when empty: an idle connection owns no heap.
 //! - Only a completed line moves `last_line` (slowloris: trickled bytes do
 //!   not keep a connection alive).
+//! - One `write` phase per turn, after the reads: all replies of a turn's
+//!   reads leave together.
 //! - A connection is closed only once its client's EOF has been read, or
 //!   after lingering: closing with unread input would send an RST that can
-//!   destroy the last reply (SPEC §1).
-//! - `Conn::set_state` is the only writer of `state`, and logs each change.
+//!   destroy the last reply (SPEC.md §1).
 
+use crate::admission::Kind;
 use crate::config::Config;
-use crate::line::{self, Stop};
+use crate::line::{self, Framer, Rules, Stop};
 use crate::metrics::{self, Counters};
 use crate::proxy;
 use bytes::{Buf, BytesMut};
 use log::{debug, trace};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::mem;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,26 +56,54 @@ use std::time::Instant;
 
 pub use crate::metrics::CloseReason;
 
-/// What a connection is doing. Closed is not a state: a [`Next::Close`]
-/// makes the loop release the socket, the slab slot and the timer at once.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a connection is doing, with what only that state needs. Closed is
+/// not a state: a [`Next::Close`] makes the loop release the socket, the
+/// slab slot and the timer at once.
+#[derive(Debug, PartialEq, Eq)]
 pub enum State {
-    /// `--proxy-protocol`: collecting the PROXY header; nothing is answered
-    /// until it parses (an invalid or late header closes as `error`).
-    ProxyHeader,
+    /// `--proxy-protocol`: collecting the PROXY header in `head`; nothing
+    /// is answered until it parses. Invalid, EOF or `until` closes.
+    ProxyHeader {
+        /// The header's bytes so far.
+        head: BytesMut,
+        /// The `--proxy-header-timeout` deadline.
+        until: Instant,
+    },
     /// A `--metrics` client: collecting its HTTP request head.
-    Request,
+    Request {
+        /// The request's bytes so far.
+        head: BytesMut,
+        /// The request timeout: answered and gone by then.
+        until: Instant,
+    },
     /// Reading input, answering each complete line.
-    Open,
+    Open {
+        /// The client's FIN has arrived (EPOLLRDHUP) though maybe not been
+        /// read: a short read no longer proves the socket drained.
+        fin: bool,
+    },
     /// Unsent replies reached `max_pending_output`: no reading or framing
-    /// until they drain to half (the client is not reading).
-    Paused,
+    /// until they drain below half (the client is not reading).
+    Paused {
+        /// As in [`State::Open`].
+        fin: bool,
+        /// Where to go once the backlog allows the waiting lines through.
+        then: Resume,
+    },
     /// No more input is read; the queued replies are written out, then the
-    /// connection closes for the reason (or lingers, see [`State::Lingering`]).
-    Flushing(CloseReason),
+    /// connection closes for `reason` or lingers.
+    Flushing {
+        /// Why the connection is closing.
+        reason: CloseReason,
+        /// What to do once everything is written.
+        then: AfterFlush,
+        /// A one-answer connection (busy, metrics) is gone by then, idle
+        /// timeout or not; `None`: the idle timeout applies.
+        until: Option<Instant>,
+    },
     /// Everything was sent and the write side shut down; input is read and
-    /// discarded until EOF, `linger_bytes` or `until`, so that closing with
-    /// unread input does not RST away the last reply (SPEC §1).
+    /// discarded until EOF, `allowance` bytes or `until`, so that closing
+    /// with unread input does not RST away the last reply (SPEC.md §1).
     Lingering {
         /// Why the connection is closing.
         reason: CloseReason,
@@ -76,18 +114,41 @@ pub enum State {
     },
 }
 
+/// Where a paused connection goes when its backlog drains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resume {
+    /// Back to [`State::Open`].
+    Read,
+    /// The server is shutting down: answer the lines already read, then
+    /// flush and close (`shutdown`).
+    Finish,
+}
+
+/// What a flushing connection does once its output is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterFlush {
+    /// The client's EOF was read: nothing unread can cause an RST.
+    Close,
+    /// Shut down the write side and linger.
+    Linger,
+}
+
 /// The verdict of a `handle_*` call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[must_use]
 pub enum Next {
-    /// Keep the connection; ask it what it wants.
+    /// Keep the connection; wait for its next event or deadline.
     Keep,
+    /// Keep it, and serve it again next turn: input may still wait in the
+    /// kernel (the read budget ran out, or reading just resumed after a
+    /// pause), and with edge-triggered readiness no event will say so.
+    Again,
     /// Close it now, counting it under this reason.
     Close(CloseReason),
 }
 
 /// A byte stream the connection can drive: a socket, or a script in tests.
-pub trait Io: Read + Write {
+pub trait Io: io::Read + Write {
     /// Shuts down the write side (TCP FIN), keeping the read side open.
     fn shutdown_write(&mut self) -> io::Result<()>;
 }
@@ -110,14 +171,41 @@ pub enum Want {
 }
 
 /// The loop's buffers, lent to the connection being served.
+///
+/// This is the one home of the buffer lending. Every read lands in `input`
+/// first, so a connection keeps only the bytes it could not answer yet.
+/// `spare` is an empty output buffer with capacity: a connection whose own
+/// output buffer is empty builds its replies in it, and gives it back once
+/// everything is written. So a ping-pong client, whose replies always leave
+/// in the same turn, never allocates, and an idle one holds no heap.
 pub struct Scratch<'a> {
-    /// Every read lands here first, so a connection only keeps the bytes
-    /// it could not answer yet.
+    /// The read buffer (one read's worth).
     pub input: &'a mut [u8],
-    /// An empty output buffer with capacity, lent to a connection whose own
-    /// is empty and taken back once drained: a ping-pong client builds its
-    /// replies here and never allocates.
+    /// The output buffer lent to the connection being served.
     pub spare: &'a mut BytesMut,
+}
+
+impl Scratch<'_> {
+    /// Lends the spare to a connection that has no output buffer.
+    fn lend(&mut self, out: &mut BytesMut) {
+        if out.capacity() == 0 {
+            mem::swap(out, self.spare);
+        }
+    }
+
+    /// Takes back a drained output buffer, keeping the bigger allocation.
+    fn take_back(&mut self, out: &mut BytesMut) {
+        if !out.is_empty() {
+            return;
+        }
+        // Written bytes were `advance`d past: asking for one byte more than
+        // the capacity left reclaims all of them, without ever allocating.
+        let mut empty = mem::take(out);
+        let _ = empty.try_reclaim(empty.capacity() + 1);
+        if empty.capacity() > self.spare.capacity() {
+            mem::swap(&mut empty, self.spare);
+        }
+    }
 }
 
 /// What the loop tells the connection it is serving, and what it collects.
@@ -152,112 +240,64 @@ pub struct Hints {
     pub read_closed: bool,
 }
 
-/// One client connection. See the module docs for the call order.
+/// One client connection. Call order: `handle_*`, then ask [`Conn::interest`]
+/// and [`Conn::deadline`] (and act on the [`Next`] it returned).
 #[derive(Debug)]
 pub struct Conn {
     /// What it is doing.
     state: State,
     /// The peer, for logs (the real client when the PROXY protocol said so).
     peer: SocketAddr,
-    /// Unanswered input: a partial line (or, when paused, whole lines too).
-    rbuf: BytesMut,
+    /// Input read but not answered yet.
+    framer: Framer,
     /// Replies not written yet.
-    wbuf: BytesMut,
+    out: BytesMut,
     /// When the last complete line arrived (or the connection opened).
     last_line: Instant,
-    /// The client's FIN has arrived: a short read no longer proves the
-    /// socket drained, since the FIN's edge may already be consumed.
-    fin_seen: bool,
-    /// The client's EOF has been read: nothing unread is left to cause an
-    /// RST, so the connection may close without lingering.
-    eof_read: bool,
-    /// The read budget ran out with input possibly left in the kernel.
-    read_again: bool,
-    /// A busy or metrics connection: owed one answer, then closed, within
-    /// the request timeout.
-    one_answer: bool,
-    /// The server is shutting down: after the lines already read are
-    /// answered, no more reading.
-    shutting_down: bool,
-}
-
-/// The outcome of one `read`, mapped from `io::Result` where the call is.
-enum ReadOutcome {
-    Data(usize),
-    WouldBlock,
-    Eof,
-    Reset,
-    Failed(io::Error),
-}
-
-fn read_some(io: &mut impl Io, buf: &mut [u8]) -> ReadOutcome {
-    loop {
-        return match io.read(buf) {
-            Ok(0) => ReadOutcome::Eof,
-            Ok(n) => ReadOutcome::Data(n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ReadOutcome::WouldBlock,
-            Err(e) if is_reset(&e) => ReadOutcome::Reset,
-            Err(e) => ReadOutcome::Failed(e),
-        };
-    }
-}
-
-/// The peer went away (SPEC §2 "reset by peer"): not worth more than debug.
-fn is_reset(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionReset
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::ConnectionAborted
-    )
 }
 
 /// The reply to a client over `--max-connections`.
 pub const BUSY_REPLY: &[u8] = b"error: server busy\n";
 
 impl Conn {
-    /// A new echo connection from `peer`, opened at `now`; it starts by
-    /// waiting for a PROXY header when the configuration asks for one.
-    pub fn new(peer: SocketAddr, now: Instant, cfg: &Config) -> Conn {
-        let state = match cfg.proxy_header_timeout {
-            Some(_) => State::ProxyHeader,
-            None => State::Open,
+    /// A new connection of `kind` from `peer`, opened at `now`. An echo
+    /// client starts by waiting for a PROXY header when the configuration
+    /// asks for one; a busy client starts with `error: server busy` queued.
+    pub fn new(kind: Kind, peer: SocketAddr, now: Instant, cfg: &Config) -> Conn {
+        let mut out = BytesMut::new();
+        let state = match kind {
+            Kind::Client => match cfg.proxy_header_timeout {
+                Some(timeout) => State::ProxyHeader {
+                    head: BytesMut::new(),
+                    until: now + timeout,
+                },
+                None => State::Open { fin: false },
+            },
+            Kind::Metrics => State::Request {
+                head: BytesMut::new(),
+                until: now + cfg.request_timeout,
+            },
+            Kind::Busy => {
+                out.extend_from_slice(BUSY_REPLY);
+                State::Flushing {
+                    reason: CloseReason::Busy,
+                    then: AfterFlush::Linger,
+                    until: Some(now + cfg.request_timeout),
+                }
+            }
         };
-        Conn::with_state(peer, now, state)
-    }
-
-    /// A new `--metrics` client, expected to send one HTTP request.
-    pub fn new_metrics(peer: SocketAddr, now: Instant) -> Conn {
-        Conn::with_state(peer, now, State::Request)
-    }
-
-    /// A client over `--max-connections`: it is only told so, then closed
-    /// like any connection after an error line.
-    pub fn new_busy(peer: SocketAddr, now: Instant) -> Conn {
-        let mut conn = Conn::with_state(peer, now, State::Flushing(CloseReason::Busy));
-        conn.wbuf.extend_from_slice(BUSY_REPLY);
-        conn
-    }
-
-    fn with_state(peer: SocketAddr, now: Instant, state: State) -> Conn {
         Conn {
             state,
             peer,
-            rbuf: BytesMut::new(),
-            wbuf: BytesMut::new(),
+            framer: Framer::default(),
+            out,
             last_line: now,
-            fin_seen: false,
-            eof_read: false,
-            read_again: false,
-            one_answer: !matches!(state, State::Open | State::ProxyHeader),
-            shutting_down: false,
         }
     }
 
     /// What the connection is doing.
-    pub fn state(&self) -> State {
-        self.state
+    pub fn state(&self) -> &State {
+        &self.state
     }
 
     /// The client's address.
@@ -267,18 +307,16 @@ impl Conn {
 
     /// Unsent reply bytes.
     pub fn pending_output(&self) -> usize {
-        self.wbuf.len()
+        self.out.len()
     }
 
     /// Heap bytes held by the connection's buffers.
     pub fn buffered_capacity(&self) -> usize {
-        self.rbuf.capacity() + self.wbuf.capacity()
-    }
-
-    /// The only writer of `state`.
-    fn set_state(&mut self, new: State) {
-        trace!("{}: {:?} -> {:?}", self.peer, self.state, new);
-        self.state = new;
+        let head = match &self.state {
+            State::ProxyHeader { head, .. } | State::Request { head, .. } => head.capacity(),
+            _ => 0,
+        };
+        head + self.framer.capacity() + self.out.capacity()
     }
 
     // ----- "this happened" -------------------------------------------------
@@ -293,17 +331,27 @@ impl Conn {
         scratch: &mut Scratch,
         cx: &mut Cx,
     ) -> Next {
-        self.read_again = false;
-        self.fin_seen |= hints.read_closed;
-        self.borrow_spare(scratch);
-        let next = match self.state {
-            State::Open | State::ProxyHeader | State::Request if hints.readable => {
-                self.read_input(io, cx.cfg.read_budget, scratch.input, cx)
-            }
-            State::Lingering { .. } if hints.readable => self.discard_input(io, scratch.input),
-            _ => Next::Keep,
+        let budget = cx.cfg.read_budget;
+        self.turn(io, hints, budget, false, scratch, cx)
+    }
+
+    /// The server is stopping (SIGINT/SIGTERM): read what the client has
+    /// already sent (up to `shutdown_read_limit`), answer its complete
+    /// lines, flush and close. The output bound still holds: a connection
+    /// that pauses answers the rest of what it read as its backlog drains
+    /// (then [`Resume::Finish`]), and the shutdown timeout bounds the wait.
+    pub fn handle_shutdown(
+        &mut self,
+        io: &mut impl Io,
+        scratch: &mut Scratch,
+        cx: &mut Cx,
+    ) -> Next {
+        let hints = Hints {
+            readable: true,
+            read_closed: false,
         };
-        self.end_turn(io, next, scratch, cx)
+        let budget = cx.cfg.shutdown_read_limit;
+        self.turn(io, hints, budget, true, scratch, cx)
     }
 
     /// A deadline this connection asked for may have passed. Spurious calls
@@ -312,7 +360,7 @@ impl Conn {
         match self.deadline(cfg) {
             Some(due) if due <= now => Next::Close(match self.state {
                 State::Lingering { reason, .. } => reason,
-                State::ProxyHeader => {
+                State::ProxyHeader { .. } => {
                     debug!("{}: no complete PROXY header in time", self.peer);
                     CloseReason::Error
                 }
@@ -325,387 +373,468 @@ impl Conn {
         }
     }
 
-    /// The server is stopping (SIGINT/SIGTERM): read what the client has
-    /// already sent (up to `shutdown_read_limit`), answer its complete
-    /// lines, flush and close. The output bound still holds: a connection
-    /// that pauses answers the rest of what it read as its backlog drains,
-    /// and the shutdown timeout bounds the whole wait.
-    pub fn handle_shutdown(
-        &mut self,
-        io: &mut impl Io,
-        scratch: &mut Scratch,
-        cx: &mut Cx,
-    ) -> Next {
-        self.borrow_spare(scratch);
-        self.shutting_down = true;
-        let mut next = Next::Keep;
-        if self.state == State::Open {
-            next = self.read_input(io, cx.cfg.shutdown_read_limit, scratch.input, cx);
-        }
-        match self.state {
-            State::Open => self.stop_reading(),
-            // Nothing was asked of these yet: they just go.
-            State::ProxyHeader | State::Request => next = Next::Close(CloseReason::Shutdown),
-            // Paused: `resume` finishes the job; the others are closing.
-            _ => {}
-        }
-        self.end_turn(io, next, scratch, cx)
-    }
-
     // ----- "what do you want now" -------------------------------------------
 
     /// The readiness to wait for, from the state and the buffers alone (like
     /// rustls's `event_set`); the loop re-registers only when it changes.
     pub fn interest(&self) -> Want {
         match self.state {
-            State::ProxyHeader | State::Request => Want::Read,
-            State::Open if self.wbuf.is_empty() => Want::Read,
-            State::Open => Want::ReadWrite,
-            State::Paused | State::Flushing(_) => Want::Write,
-            State::Lingering { .. } => Want::Read,
+            State::ProxyHeader { .. } | State::Request { .. } | State::Lingering { .. } => {
+                Want::Read
+            }
+            State::Open { .. } if self.out.is_empty() => Want::Read,
+            State::Open { .. } => Want::ReadWrite,
+            State::Paused { .. } | State::Flushing { .. } => Want::Write,
         }
     }
 
     /// When [`Conn::handle_timeout`] should next be called, if ever.
     pub fn deadline(&self, cfg: &Config) -> Option<Instant> {
         match self.state {
-            State::Lingering { until, .. } => Some(until),
-            State::ProxyHeader => cfg.proxy_header_timeout.map(|t| self.last_line + t),
-            State::Request => Some(self.last_line + cfg.request_timeout),
-            // Owed one answer only: done within the request timeout of
-            // opening (`last_line` never moves for them), idle timeout or not.
-            _ if self.one_answer => Some(self.last_line + cfg.request_timeout),
-            _ => cfg.idle_timeout.map(|idle| self.last_line + idle),
+            State::ProxyHeader { until, .. }
+            | State::Request { until, .. }
+            | State::Lingering { until, .. }
+            | State::Flushing {
+                until: Some(until), ..
+            } => Some(until),
+            State::Open { .. } | State::Paused { .. } | State::Flushing { until: None, .. } => {
+                cfg.idle_timeout.map(|idle| self.last_line + idle)
+            }
         }
     }
 
-    /// True when the read budget ran out, or reading just resumed after a
-    /// pause: input may still be waiting in the kernel, and with
-    /// edge-triggered readiness no event will say so.
-    pub fn read_again(&self) -> bool {
-        self.read_again
-    }
+    // ----- the machine ---------------------------------------------------------
 
-    // ----- reading ------------------------------------------------------------
-
-    /// Reads until `WouldBlock`, EOF, a short read (the kernel buffer is
-    /// drained) or `budget` bytes, handing each read to `take_input`.
-    fn read_input(
+    /// One turn: borrow the spare output buffer, drive the machine, give
+    /// the buffer back, count the bytes read.
+    fn turn(
         &mut self,
         io: &mut impl Io,
-        mut budget: usize,
-        input: &mut [u8],
-        cx: &mut Cx,
-    ) -> Next {
-        while matches!(
-            self.state,
-            State::Open | State::ProxyHeader | State::Request
-        ) {
-            if budget == 0 {
-                self.read_again = true;
-                break;
-            }
-            let want = budget.min(input.len());
-            let n = match read_some(io, &mut input[..want]) {
-                ReadOutcome::Data(n) => n,
-                ReadOutcome::WouldBlock => break,
-                ReadOutcome::Eof => return self.end_of_input(cx),
-                ReadOutcome::Reset => return Next::Close(CloseReason::Reset),
-                ReadOutcome::Failed(e) => {
-                    debug!("{}: read failed: {e}", self.peer);
-                    return Next::Close(CloseReason::Error);
-                }
-            };
-            cx.tally.received += n as u64;
-            budget -= n;
-            if let Next::Close(reason) = self.take_input(&input[..n], cx) {
-                return Next::Close(reason);
-            }
-            // A short read drained the socket: a new edge will come for new
-            // bytes, so skip the read that would only say WouldBlock. Not
-            // after a FIN, whose edge may already have been consumed.
-            if n < want && !self.fin_seen {
-                break;
-            }
-        }
-        Next::Keep
-    }
-
-    /// Freshly read bytes, handled as the state says.
-    fn take_input(&mut self, data: &[u8], cx: &mut Cx) -> Next {
-        match self.state {
-            State::ProxyHeader => return self.take_proxy_header(data, cx),
-            State::Request => self.take_request(data, cx),
-            _ => self.take_lines(data, cx),
-        }
-        Next::Keep
-    }
-
-    /// Collects the PROXY header; the bytes after it are the client's first
-    /// input. Headers may arrive split over any number of reads.
-    fn take_proxy_header(&mut self, data: &[u8], cx: &mut Cx) -> Next {
-        self.rbuf.extend_from_slice(data);
-        match proxy::parse(&self.rbuf) {
-            proxy::Parsed::Incomplete => Next::Keep,
-            proxy::Parsed::Invalid(why) => {
-                debug!("{}: invalid PROXY header: {why}", self.peer);
-                Next::Close(CloseReason::Error)
-            }
-            proxy::Parsed::Done { len, source } => {
-                match source {
-                    Some(client) => {
-                        debug!("{}: PROXY header names client {client}", self.peer);
-                        self.peer = client;
-                    }
-                    None => debug!("{}: PROXY health check (LOCAL/UNKNOWN)", self.peer),
-                }
-                let after = mem::take(&mut self.rbuf).split_off(len);
-                self.set_state(State::Open);
-                self.take_lines(&after, cx);
-                Next::Keep
-            }
-        }
-    }
-
-    /// Collects a `/metrics` request head and queues the response.
-    fn take_request(&mut self, data: &[u8], cx: &mut Cx) {
-        self.rbuf.extend_from_slice(data);
-        let request = metrics::parse_request(&self.rbuf);
-        if let Some(response) = metrics::response(request, cx.metrics) {
-            self.rbuf = BytesMut::new();
-            self.wbuf.extend_from_slice(&response);
-            self.set_state(State::Flushing(CloseReason::Eof));
-        }
-    }
-
-    /// Frames freshly read bytes against the partial line kept in `rbuf`.
-    fn take_lines(&mut self, mut data: &[u8], cx: &mut Cx) {
-        if !self.rbuf.is_empty() {
-            // Only the new bytes are searched: `rbuf` holds no `\n`.
-            match memchr::memchr(b'\n', data) {
-                None => {
-                    self.rbuf.extend_from_slice(data);
-                    if line::unterminated_too_long(&self.rbuf, cx.cfg.max_line) {
-                        self.too_long(cx);
-                    }
-                    return;
-                }
-                Some(nl) => {
-                    self.rbuf.extend_from_slice(&data[..=nl]);
-                    data = &data[nl + 1..];
-                    let joined = mem::take(&mut self.rbuf);
-                    self.answer(&joined, cx.cfg.max_pending_output, cx);
-                }
-            }
-        }
-        match self.state {
-            State::Open => self.answer(data, cx.cfg.max_pending_output, cx),
-            // Paused on the joined line: keep the rest for later.
-            State::Paused => self.rbuf.extend_from_slice(data),
-            _ => {}
-        }
-    }
-
-    /// Answers the complete lines of `input` while fewer than `max_out`
-    /// reply bytes are queued, and keeps what is left.
-    fn answer(&mut self, input: &[u8], max_out: usize, cx: &mut Cx) {
-        let a = line::answer_lines(input, cx.cfg.mode, cx.cfg.max_line, &mut self.wbuf, max_out);
-        if a.lines > 0 {
-            cx.tally.lines += a.lines as u64;
-            self.last_line = cx.now;
-        }
-        let rest = &input[a.consumed..];
-        match a.stop {
-            Stop::Incomplete => self.rbuf.extend_from_slice(rest),
-            Stop::Full => {
-                self.rbuf.extend_from_slice(rest);
-                self.set_state(State::Paused);
-            }
-            Stop::TooLong => self.too_long(cx),
-        }
-    }
-
-    /// SPEC §1: the lines before it were answered; queue the error, close.
-    fn too_long(&mut self, cx: &mut Cx) {
-        self.wbuf
-            .extend_from_slice(&line::too_long_error(cx.cfg.max_line));
-        self.rbuf = BytesMut::new();
-        self.set_state(State::Flushing(CloseReason::TooLong));
-    }
-
-    /// EOF: in `Open`, what is left without a `\n` is a final line and gets
-    /// its reply before the close; anywhere else it ends the connection.
-    fn end_of_input(&mut self, cx: &mut Cx) -> Next {
-        self.eof_read = true;
-        match self.state {
-            State::Open => {
-                if !self.rbuf.is_empty() {
-                    line::write_reply(cx.cfg.mode, &self.rbuf, &mut self.wbuf);
-                    cx.tally.lines += 1;
-                    self.rbuf = BytesMut::new();
-                }
-                self.set_state(State::Flushing(CloseReason::Eof));
-                Next::Keep
-            }
-            State::ProxyHeader => {
-                debug!("{}: EOF before a PROXY header", self.peer);
-                Next::Close(CloseReason::Error)
-            }
-            _ => Next::Close(CloseReason::Eof),
-        }
-    }
-
-    /// While lingering: read and drop input until EOF or the allowance.
-    fn discard_input(&mut self, io: &mut impl Io, input: &mut [u8]) -> Next {
-        let State::Lingering {
-            reason,
-            until,
-            mut allowance,
-        } = self.state
-        else {
-            return Next::Keep;
-        };
-        let next = loop {
-            let want = input.len().min(allowance.max(1));
-            match read_some(io, &mut input[..want]) {
-                ReadOutcome::Data(n) if n >= allowance => break Next::Close(reason),
-                ReadOutcome::Data(n) => allowance -= n,
-                ReadOutcome::WouldBlock => break Next::Keep,
-                ReadOutcome::Eof | ReadOutcome::Reset | ReadOutcome::Failed(_) => {
-                    break Next::Close(reason);
-                }
-            }
-        };
-        if next == Next::Keep {
-            self.set_state(State::Lingering {
-                reason,
-                until,
-                allowance,
-            });
-        }
-        next
-    }
-
-    // ----- writing ------------------------------------------------------------
-
-    /// The end of every `handle_*` turn: write what is queued (unless the
-    /// connection is closing anyway) and give the spare buffer back.
-    fn end_turn(
-        &mut self,
-        io: &mut impl Io,
-        next: Next,
+        hints: Hints,
+        budget: usize,
+        shutdown: bool,
         scratch: &mut Scratch,
         cx: &mut Cx,
     ) -> Next {
-        let next = match next {
-            Next::Keep => self.flush(io, scratch.input, cx),
-            close => close,
-        };
-        if self.wbuf.is_empty() {
-            // Give the allocation back; an idle connection holds no heap.
-            // Written bytes were `advance`d past: asking for one byte more
-            // than the capacity left reclaims all of them, without ever
-            // allocating.
-            let mut empty = mem::take(&mut self.wbuf);
-            let _ = empty.try_reclaim(empty.capacity() + 1);
-            if empty.capacity() > scratch.spare.capacity() {
-                mem::swap(&mut empty, scratch.spare);
-            }
-        }
+        scratch.lend(&mut self.out);
+        let mut reader = Reader::new(scratch.input, hints, budget, shutdown);
+        let next = self.drive(io, &mut reader, cx);
+        cx.tally.received += reader.received as u64;
+        scratch.take_back(&mut self.out);
         next
     }
 
-    /// Replies are built straight into the loop's spare buffer when this
-    /// connection has none of its own.
-    fn borrow_spare(&mut self, scratch: &mut Scratch) {
-        if self.wbuf.capacity() == 0 {
-            mem::swap(&mut self.wbuf, scratch.spare);
-        }
-    }
-
-    /// Writes queued replies until done or `WouldBlock`, resumes a paused
-    /// connection that drained to half, and finishes a flushing one.
-    fn flush(&mut self, io: &mut impl Io, input: &mut [u8], cx: &mut Cx) -> Next {
+    /// The state machine: the only place the state changes. Each arm takes
+    /// one step and says where to go; the turn ends when an arm is done.
+    fn drive(&mut self, io: &mut impl Io, reader: &mut Reader, cx: &mut Cx) -> Next {
+        let rules = Rules {
+            mode: cx.cfg.mode,
+            max_line: cx.cfg.max_line,
+            max_output: cx.cfg.max_pending_output,
+        };
+        let shutdown = reader.shutdown;
         loop {
-            while !self.wbuf.is_empty() {
-                match io.write(&self.wbuf) {
-                    Ok(0) => return Next::Close(CloseReason::Error),
-                    Ok(n) => {
-                        cx.tally.sent += n as u64;
-                        self.wbuf.advance(n);
+            let step = match self.state {
+                // ProxyHeader: collect the header; the bytes after it are
+                // handed back to the reader as the client's first input.
+                State::ProxyHeader { .. } if shutdown => {
+                    Step::Done(Next::Close(CloseReason::Shutdown))
+                }
+                State::ProxyHeader { ref mut head, .. } => match reader.read(io, reader.fin) {
+                    Read::Data(data) => {
+                        head.extend_from_slice(data);
+                        match proxy::parse(head) {
+                            proxy::Parsed::Incomplete => Step::Stay,
+                            proxy::Parsed::Invalid(why) => {
+                                debug!("{}: invalid PROXY header: {why}", self.peer);
+                                Step::Done(Next::Close(CloseReason::Error))
+                            }
+                            proxy::Parsed::Done { len, source } => {
+                                match source {
+                                    Some(client) => {
+                                        debug!("{}: PROXY header names client {client}", self.peer);
+                                        self.peer = client;
+                                    }
+                                    None => {
+                                        debug!("{}: PROXY health check (LOCAL/UNKNOWN)", self.peer)
+                                    }
+                                }
+                                reader.unread(head.len() - len);
+                                Step::Go(State::Open { fin: false })
+                            }
+                        }
                     }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if is_reset(&e) => return Next::Close(CloseReason::Reset),
-                    Err(e) => {
-                        debug!("{}: write failed: {e}", self.peer);
-                        return Next::Close(CloseReason::Error);
+                    Read::Dry => Step::Done(Next::Keep),
+                    Read::Later => Step::Done(Next::Again),
+                    Read::Eof => {
+                        debug!("{}: EOF before a PROXY header", self.peer);
+                        Step::Done(Next::Close(CloseReason::Error))
+                    }
+                    Read::Failed(reason) => Step::Done(Next::Close(reason)),
+                },
+
+                // Request: collect the head, queue the page (or an error).
+                State::Request { .. } if shutdown => Step::Done(Next::Close(CloseReason::Shutdown)),
+                State::Request {
+                    ref mut head,
+                    until,
+                } => match reader.read(io, reader.fin) {
+                    Read::Data(data) => {
+                        head.extend_from_slice(data);
+                        match metrics::response(metrics::parse_request(head), cx.metrics) {
+                            None => Step::Stay,
+                            Some(response) => {
+                                self.out.extend_from_slice(&response);
+                                Step::Go(State::Flushing {
+                                    reason: CloseReason::Eof,
+                                    then: AfterFlush::Linger,
+                                    until: Some(until),
+                                })
+                            }
+                        }
+                    }
+                    Read::Dry => Step::Done(Next::Keep),
+                    Read::Later => Step::Done(Next::Again),
+                    Read::Eof => Step::Done(Next::Close(CloseReason::Eof)),
+                    Read::Failed(reason) => Step::Done(Next::Close(reason)),
+                },
+
+                // Open: read and answer until the socket is dry or the budget
+                // is spent, then write everything in one go.
+                State::Open { fin: false } if reader.fin => Step::Go(State::Open { fin: true }),
+                State::Open { fin } => match reader.read(io, fin) {
+                    Read::Data(data) => {
+                        let framed = self.framer.push(data, rules, &mut self.out);
+                        self.count_lines(framed.lines, cx);
+                        match framed.stop {
+                            Stop::Incomplete => Step::Stay,
+                            Stop::Full => Step::Go(State::Paused {
+                                fin,
+                                then: Resume::Read,
+                            }),
+                            Stop::TooLong => {
+                                self.out
+                                    .extend_from_slice(&line::too_long_error(rules.max_line));
+                                Step::Go(closing(CloseReason::TooLong))
+                            }
+                        }
+                    }
+                    Read::Eof => {
+                        let lines = self.framer.finish(rules.mode, &mut self.out);
+                        cx.tally.lines += lines as u64;
+                        Step::Go(State::Flushing {
+                            reason: CloseReason::Eof,
+                            then: AfterFlush::Close,
+                            until: None,
+                        })
+                    }
+                    Read::Failed(reason) => Step::Done(Next::Close(reason)),
+                    // Shutdown: an unfinished line is not a line yet.
+                    Read::Dry | Read::Later if shutdown => {
+                        self.framer.clear();
+                        Step::Go(closing(CloseReason::Shutdown))
+                    }
+                    Read::Dry => match write_out(io, &mut self.out, cx.tally, self.peer) {
+                        Wrote::Failed(reason) => Step::Done(Next::Close(reason)),
+                        Wrote::All | Wrote::Blocked => Step::Done(Next::Keep),
+                    },
+                    Read::Later => match write_out(io, &mut self.out, cx.tally, self.peer) {
+                        Wrote::Failed(reason) => Step::Done(Next::Close(reason)),
+                        Wrote::All | Wrote::Blocked => Step::Done(Next::Again),
+                    },
+                },
+
+                // Paused: write; below half, answer the lines that waited.
+                State::Paused { fin: false, then } if reader.fin => {
+                    Step::Go(State::Paused { fin: true, then })
+                }
+                State::Paused {
+                    fin,
+                    then: Resume::Read,
+                } if shutdown => Step::Go(State::Paused {
+                    fin,
+                    then: Resume::Finish,
+                }),
+                State::Paused { fin, then } => {
+                    match write_out(io, &mut self.out, cx.tally, self.peer) {
+                        Wrote::Failed(reason) => Step::Done(Next::Close(reason)),
+                        _ if self.out.len() >= rules.max_output.div_ceil(2) => {
+                            Step::Done(Next::Keep)
+                        }
+                        _ => {
+                            let framed = self.framer.resume(rules, &mut self.out);
+                            self.count_lines(framed.lines, cx);
+                            match (framed.stop, then) {
+                                (Stop::Full, _) => Step::Stay,
+                                (Stop::TooLong, _) => {
+                                    self.out
+                                        .extend_from_slice(&line::too_long_error(rules.max_line));
+                                    Step::Go(closing(CloseReason::TooLong))
+                                }
+                                (Stop::Incomplete, Resume::Read) => {
+                                    reader.stop_for_now();
+                                    Step::Go(State::Open { fin })
+                                }
+                                (Stop::Incomplete, Resume::Finish) => {
+                                    self.framer.clear();
+                                    Step::Go(closing(CloseReason::Shutdown))
+                                }
+                            }
+                        }
                     }
                 }
-            }
-            if self.state == State::Paused
-                && self.wbuf.len() < cx.cfg.max_pending_output.div_ceil(2)
-            {
-                self.resume(cx);
-                if !self.wbuf.is_empty() {
-                    continue; // write the replies to the lines just answered
+
+                // Flushing: write; once empty, close or linger.
+                State::Flushing { reason, then, .. } => {
+                    match write_out(io, &mut self.out, cx.tally, self.peer) {
+                        Wrote::Failed(reason) => Step::Done(Next::Close(reason)),
+                        Wrote::Blocked => Step::Done(Next::Keep),
+                        Wrote::All if then == AfterFlush::Close => Step::Done(Next::Close(reason)),
+                        Wrote::All => match io.shutdown_write() {
+                            Ok(()) => Step::Go(State::Lingering {
+                                reason,
+                                until: cx.now + cx.cfg.linger_time,
+                                allowance: cx.cfg.linger_bytes,
+                            }),
+                            Err(_) => Step::Done(Next::Close(reason)),
+                        },
+                    }
                 }
+
+                // Lingering: drop input (whatever the hints say: input may
+                // already wait when this state is entered) until EOF or the
+                // allowance is spent.
+                State::Lingering {
+                    reason,
+                    ref mut allowance,
+                    ..
+                } => match discard(io, reader.buf, *allowance) {
+                    Discarded::Waiting(left) => {
+                        *allowance = left;
+                        Step::Done(Next::Keep)
+                    }
+                    Discarded::Finished => Step::Done(Next::Close(reason)),
+                },
+            };
+            match step {
+                Step::Stay => {}
+                Step::Go(next) => self.set_state(next),
+                Step::Done(next) => return next,
             }
-            break;
-        }
-        match self.state {
-            State::Flushing(reason) if self.wbuf.is_empty() => self.finish(io, reason, input, cx),
-            _ => Next::Keep,
         }
     }
 
-    /// Backlog down to half: answer the lines that waited in `rbuf` at once
-    /// (no event will come for them), then read again next turn.
-    fn resume(&mut self, cx: &mut Cx) {
-        self.set_state(State::Open);
-        let buffered = mem::take(&mut self.rbuf);
-        self.answer(&buffered, cx.cfg.max_pending_output, cx);
-        if self.state == State::Open {
-            if self.shutting_down {
-                self.stop_reading();
-            } else {
-                self.read_again = true;
+    /// The only writer of `state`; logs each real change.
+    fn set_state(&mut self, new: State) {
+        if new != self.state {
+            trace!("{}: {:?} -> {:?}", self.peer, self.state, new);
+        }
+        self.state = new;
+    }
+
+    /// Counts answered lines; a complete line restarts the idle clock.
+    fn count_lines(&mut self, lines: usize, cx: &mut Cx) {
+        if lines > 0 {
+            cx.tally.lines += lines as u64;
+            self.last_line = cx.now;
+        }
+    }
+}
+
+/// What one arm of [`Conn::drive`] decided.
+enum Step {
+    /// Same state, next step.
+    Stay,
+    /// Enter this state and keep going.
+    Go(State),
+    /// The turn is over.
+    Done(Next),
+}
+
+/// The state after an error line or a shutdown: flush, then linger.
+fn closing(reason: CloseReason) -> State {
+    State::Flushing {
+        reason,
+        then: AfterFlush::Linger,
+        until: None,
+    }
+}
+
+// ----- the helpers the arms call: one syscall pattern each, named outcomes ----
+
+/// The reading side of one turn: the loop's read buffer, how much this turn
+/// may still read, and what the last read proved.
+struct Reader<'a> {
+    buf: &'a mut [u8],
+    /// Bytes this turn may still read.
+    budget: usize,
+    /// Nothing more to read this turn: the event was not for reading, or a
+    /// read came back short or `WouldBlock` (an edge will come for more).
+    dry: bool,
+    /// The poller saw the client's FIN.
+    fin: bool,
+    /// This is the server's shutdown turn.
+    shutdown: bool,
+    /// `buf[replay..end]` was handed back by [`Reader::unread`].
+    replay: usize,
+    /// The end of the last read's bytes in `buf`.
+    end: usize,
+    /// Bytes read from the socket this turn.
+    received: usize,
+}
+
+/// The outcome of [`Reader::read`], mapped from `io::Result` where the call is.
+enum Read<'a> {
+    /// Bytes to handle.
+    Data(&'a [u8]),
+    /// Nothing more this turn; an event will come when there is.
+    Dry,
+    /// Nothing more this turn, but input may wait with no event to say so.
+    Later,
+    /// The client half-closed.
+    Eof,
+    /// The connection is broken (`reset` or `error`).
+    Failed(CloseReason),
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a mut [u8], hints: Hints, budget: usize, shutdown: bool) -> Reader<'a> {
+        Reader {
+            buf,
+            budget,
+            dry: !hints.readable,
+            fin: hints.read_closed,
+            shutdown,
+            replay: 0,
+            end: 0,
+            received: 0,
+        }
+    }
+
+    /// Reads once, unless this turn is known to be over. A short read means
+    /// the socket is drained, so the read that would only say `WouldBlock`
+    /// is skipped, except after a FIN (`fin`), whose edge may be consumed.
+    fn read(&mut self, io: &mut impl Io, fin: bool) -> Read<'_> {
+        if self.replay < self.end {
+            let start = mem::replace(&mut self.replay, self.end);
+            return Read::Data(&self.buf[start..self.end]);
+        }
+        if self.dry {
+            return Read::Dry;
+        }
+        if self.budget == 0 {
+            return Read::Later;
+        }
+        let want = self.budget.min(self.buf.len());
+        loop {
+            return match io.read(&mut self.buf[..want]) {
+                Ok(0) => Read::Eof,
+                Ok(n) => {
+                    self.budget -= n;
+                    self.received += n;
+                    self.dry = n < want && !fin;
+                    (self.replay, self.end) = (n, n);
+                    Read::Data(&self.buf[..n])
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.dry = true;
+                    Read::Dry
+                }
+                Err(e) if is_reset(&e) => Read::Failed(CloseReason::Reset),
+                Err(e) => {
+                    debug!("read failed: {e}");
+                    Read::Failed(CloseReason::Error)
+                }
+            };
+        }
+    }
+
+    /// Hands the last `n` bytes of the last read back: the next `read`
+    /// returns them again.
+    fn unread(&mut self, n: usize) {
+        debug_assert!(n <= self.end);
+        self.replay = self.end - n;
+    }
+
+    /// No more reading this turn; `read` answers [`Read::Later`].
+    fn stop_for_now(&mut self) {
+        self.budget = 0;
+        self.dry = false;
+    }
+}
+
+/// The peer went away: not worth more than debug.
+fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+    )
+}
+
+/// The outcome of [`write_out`].
+enum Wrote {
+    /// Nothing is left to write.
+    All,
+    /// The socket is full; the rest waits for WRITABLE.
+    Blocked,
+    /// The connection is broken (`reset` or `error`).
+    Failed(CloseReason),
+}
+
+/// Writes queued replies until none are left or the socket is full.
+fn write_out(io: &mut impl Io, out: &mut BytesMut, tally: &mut Tally, peer: SocketAddr) -> Wrote {
+    while !out.is_empty() {
+        match io.write(out) {
+            Ok(0) => return Wrote::Failed(CloseReason::Error),
+            Ok(n) => {
+                tally.sent += n as u64;
+                out.advance(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Wrote::Blocked,
+            Err(e) if is_reset(&e) => return Wrote::Failed(CloseReason::Reset),
+            Err(e) => {
+                debug!("{peer}: write failed: {e}");
+                return Wrote::Failed(CloseReason::Error);
             }
         }
     }
+    Wrote::All
+}
 
-    /// Shutdown: an unfinished line is not a line yet; flush and close.
-    fn stop_reading(&mut self) {
-        self.rbuf = BytesMut::new();
-        self.set_state(State::Flushing(CloseReason::Shutdown));
-    }
+/// The outcome of [`discard`].
+enum Discarded {
+    /// The socket is drained for now; this many bytes may still come.
+    Waiting(usize),
+    /// EOF, an error, or the allowance is spent: time to close.
+    Finished,
+}
 
-    /// Everything is sent: close now if the client's EOF was read, else shut
-    /// down the write side and linger, discarding input, until it comes.
-    fn finish(
-        &mut self,
-        io: &mut impl Io,
-        reason: CloseReason,
-        input: &mut [u8],
-        cx: &mut Cx,
-    ) -> Next {
-        if self.eof_read || io.shutdown_write().is_err() {
-            return Next::Close(reason);
+/// Reads and drops input until `WouldBlock`, EOF or `allowance` bytes.
+fn discard(io: &mut impl Io, buf: &mut [u8], mut allowance: usize) -> Discarded {
+    loop {
+        let want = buf.len().min(allowance.max(1));
+        match io.read(&mut buf[..want]) {
+            Ok(0) => return Discarded::Finished,
+            Ok(n) if n >= allowance => return Discarded::Finished,
+            Ok(n) => allowance -= n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Discarded::Waiting(allowance);
+            }
+            Err(_) => return Discarded::Finished,
         }
-        self.set_state(State::Lingering {
-            reason,
-            until: cx.now + cx.cfg.linger_time,
-            allowance: cx.cfg.linger_bytes,
-        });
-        // Input may already be waiting: drain what is there now.
-        self.discard_input(io, input)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    //! Tests grouped by the state the connection starts in, with fixtures
-    //! `conn_open()` and `conn_paused()` (after smoltcp's socket tests).
+    //! Tests grouped by the state the connection starts in, each with its
+    //! fixture (`conn_open()`, `conn_paused()` …, after smoltcp's socket
+    //! tests). Every `handle_*` verdict is asserted.
     use super::*;
     use std::collections::VecDeque;
     use std::time::Duration;
@@ -742,9 +871,12 @@ mod tests {
             self.room = room;
             self
         }
+        fn more(&mut self, bytes: &[u8]) {
+            self.reads.push_back(Ok(bytes.to_vec()));
+        }
     }
 
-    impl Read for Script {
+    impl io::Read for Script {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
             match self.reads.pop_front() {
                 None => Err(io::ErrorKind::WouldBlock.into()),
@@ -819,6 +951,9 @@ mod tests {
             let (mut scratch, mut cx) = self.parts();
             conn.handle_shutdown(io, &mut scratch, &mut cx)
         }
+        fn timeout(&mut self, conn: &mut Conn) -> Next {
+            conn.handle_timeout(self.now, &self.cfg)
+        }
         fn parts(&mut self) -> (Scratch<'_>, Cx<'_>) {
             let scratch = Scratch {
                 input: &mut self.input,
@@ -841,18 +976,8 @@ mod tests {
         "127.0.0.1:9".parse().unwrap()
     }
 
-    fn conn_open(h: &Harness) -> Conn {
-        Conn::new(peer(), h.now, &h.cfg)
-    }
-
-    /// A connection paused behind `max_pending_output` = 8 with a client
-    /// that reads nothing: 9 bytes of replies queued, `c\n` unanswered.
-    fn conn_paused(h: &mut Harness) -> (Conn, Script) {
-        let mut conn = conn_open(h);
-        let mut io = Script::new().data(b"aaaa\nbbb\nc\n").room(0);
-        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
-        assert_eq!(conn.state(), State::Paused);
-        (conn, io)
+    fn said(content: &[u8]) -> Vec<u8> {
+        [line::PREFIX, content, line::SUFFIX].concat()
     }
 
     fn small_output() -> Config {
@@ -863,7 +988,177 @@ mod tests {
         }
     }
 
-    // ----- Open -----------------------------------------------------------
+    fn proxy_config() -> Config {
+        Config {
+            proxy_header_timeout: Some(Duration::from_secs(5)),
+            ..Config::default()
+        }
+    }
+
+    fn conn_open(h: &Harness) -> Conn {
+        let conn = Conn::new(Kind::Client, peer(), h.now, &h.cfg);
+        assert_eq!(conn.state(), &State::Open { fin: false });
+        conn
+    }
+
+    fn conn_proxy_header(h: &Harness) -> Conn {
+        let conn = Conn::new(Kind::Client, peer(), h.now, &h.cfg);
+        assert!(matches!(conn.state(), State::ProxyHeader { .. }));
+        conn
+    }
+
+    fn conn_request(h: &Harness) -> Conn {
+        let conn = Conn::new(Kind::Metrics, peer(), h.now, &h.cfg);
+        assert!(matches!(conn.state(), State::Request { .. }));
+        conn
+    }
+
+    /// A connection paused behind `max_pending_output` = 8 with a client
+    /// that reads nothing: 9 bytes of replies queued, `c\n` unanswered.
+    fn conn_paused(h: &mut Harness) -> (Conn, Script) {
+        let mut conn = conn_open(h);
+        let mut io = Script::new().data(b"aaaa\nbbb\nc\n").room(0);
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
+        assert!(matches!(
+            conn.state(),
+            State::Paused {
+                then: Resume::Read,
+                ..
+            }
+        ));
+        (conn, io)
+    }
+
+    /// A connection whose client sent `bye\n` and its EOF but reads only 4
+    /// bytes: the reply is half written.
+    fn conn_flushing(h: &mut Harness) -> (Conn, Script) {
+        let mut conn = conn_open(h);
+        let mut io = Script::new().data(b"bye\n").eof().room(4);
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
+        assert!(matches!(
+            conn.state(),
+            State::Flushing {
+                reason: CloseReason::Eof,
+                then: AfterFlush::Close,
+                ..
+            }
+        ));
+        (conn, io)
+    }
+
+    /// A connection that sent a line over `max_line` = 2 and got its error.
+    fn conn_lingering(h: &mut Harness) -> (Conn, Script) {
+        let mut conn = conn_open(h);
+        let mut io = Script::new().data(b"toolong\n");
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
+        assert_eq!(io.written, b"error: line too long (max 2 bytes)\n");
+        assert!(io.shut, "write side shut down before lingering");
+        assert!(matches!(
+            conn.state(),
+            State::Lingering {
+                reason: CloseReason::TooLong,
+                ..
+            }
+        ));
+        (conn, io)
+    }
+
+    fn max_line_2() -> Config {
+        Config {
+            max_line: 2,
+            ..Config::default()
+        }
+    }
+
+    // ----- ProxyHeader ----------------------------------------------------
+
+    #[test]
+    fn proxy_header_then_lines_in_the_same_read() {
+        let mut h = Harness::with(proxy_config());
+        let mut conn = conn_proxy_header(&h);
+        let mut io = Script::new().data(b"PROXY TCP4 10.0.0.1 10.0.0.2 5000 80\r\nhi\nthere");
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
+        assert_eq!(conn.peer(), "10.0.0.1:5000".parse().unwrap());
+        assert_eq!(io.written, said(b"hi"));
+        assert_eq!(
+            h.tally.received, 46,
+            "the bytes after the header count once"
+        );
+        assert_eq!(conn.state(), &State::Open { fin: false });
+    }
+
+    #[test]
+    fn proxy_header_split_over_reads() {
+        let mut h = Harness::with(proxy_config());
+        let mut conn = conn_proxy_header(&h);
+        let mut io = Script::new().data(b"PROXY TCP4 10.0.0.1 1");
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
+        io.more(b"0.0.0.2 5000 80\r\nx\n");
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
+        assert_eq!(io.written, said(b"x"));
+    }
+
+    #[test]
+    fn proxy_header_invalid_closes() {
+        let mut h = Harness::with(proxy_config());
+        let mut conn = conn_proxy_header(&h);
+        let mut io = Script::new().data(b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(h.io(&mut conn, &mut io), Next::Close(CloseReason::Error));
+        assert!(
+            io.written.is_empty(),
+            "nothing is answered before the header"
+        );
+    }
+
+    #[test]
+    fn proxy_header_late_or_cut_short_closes() {
+        let mut h = Harness::with(proxy_config());
+        let mut conn = conn_proxy_header(&h);
+        assert_eq!(conn.deadline(&h.cfg), Some(h.now + Duration::from_secs(5)));
+        h.advance(Duration::from_secs(5));
+        assert_eq!(h.timeout(&mut conn), Next::Close(CloseReason::Error));
+        let mut conn = conn_proxy_header(&h);
+        let mut io = Script::new().data(b"PROXY TCP4").eof();
+        assert_eq!(h.io(&mut conn, &mut io), Next::Close(CloseReason::Error));
+    }
+
+    #[test]
+    fn proxy_header_shutdown_closes_at_once() {
+        let mut h = Harness::with(proxy_config());
+        let mut conn = conn_proxy_header(&h);
+        let mut io = Script::new();
+        assert_eq!(
+            h.shutdown(&mut conn, &mut io),
+            Next::Close(CloseReason::Shutdown)
+        );
+    }
+
+    // ----- Request ----------------------------------------------------------
+
+    #[test]
+    fn request_gets_a_page_and_lingers() {
+        let mut h = Harness::new();
+        let mut conn = conn_request(&h);
+        let mut io = Script::new().data(b"GET /metrics HTTP/1.1\r\n\r\n");
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
+        assert!(io.written.starts_with(b"HTTP/1.1 200"));
+        assert!(io.shut);
+        assert_eq!(conn.deadline(&h.cfg), Some(h.now + h.cfg.linger_time));
+        io.more(b"");
+        assert_eq!(h.io(&mut conn, &mut io), Next::Close(CloseReason::Eof));
+    }
+
+    #[test]
+    fn request_is_bounded_in_time() {
+        let mut h = Harness::new();
+        let mut conn = conn_request(&h);
+        let mut io = Script::new().data(b"GET /met");
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
+        h.advance(h.cfg.request_timeout);
+        assert_eq!(h.timeout(&mut conn), Next::Close(CloseReason::Idle));
+    }
+
+    // ----- Open -------------------------------------------------------------
 
     #[test]
     fn open_answers_lines_and_writes_once() {
@@ -882,10 +1177,10 @@ mod tests {
         let mut h = Harness::new();
         let mut conn = conn_open(&h);
         let mut io = Script::new().data(b"hel");
-        let _ = h.io(&mut conn, &mut io);
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
         assert!(io.written.is_empty());
-        let mut io = Script::new().data(b"lo\n");
-        let _ = h.io(&mut conn, &mut io);
+        io.more(b"lo\n");
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
         assert_eq!(io.written, b"you said: hello!\n");
         assert_eq!(conn.buffered_capacity(), 0);
     }
@@ -897,6 +1192,7 @@ mod tests {
         let mut io = Script::new().data(b"a\nb").eof();
         assert_eq!(h.io(&mut conn, &mut io), Next::Close(CloseReason::Eof));
         assert_eq!(io.written, b"you said: a!\nyou said: b!\n");
+        assert_eq!(h.tally.lines, 2);
     }
 
     #[test]
@@ -928,12 +1224,64 @@ mod tests {
     }
 
     #[test]
+    fn open_write_reset_closes_as_reset() {
+        let mut h = Harness::new();
+        let mut conn = conn_open(&h);
+        let mut io = Script::new().data(b"x\n").room(0);
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
+        /// A socket whose peer is gone: every write fails with EPIPE.
+        struct Broken;
+        impl io::Read for Broken {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+        }
+        impl Write for Broken {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        impl Io for Broken {
+            fn shutdown_write(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let (mut scratch, mut cx) = h.parts();
+        let next = conn.handle_io(&mut Broken, Hints::default(), &mut scratch, &mut cx);
+        assert_eq!(next, Next::Close(CloseReason::Reset));
+    }
+
+    #[test]
     fn open_interrupted_read_is_retried() {
         let mut h = Harness::new();
         let mut conn = conn_open(&h);
         let mut io = Script::new().err(io::ErrorKind::Interrupted).data(b"x\n");
-        let _ = h.io(&mut conn, &mut io);
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
         assert_eq!(io.written, b"you said: x!\n");
+    }
+
+    #[test]
+    fn open_short_read_skips_the_read_that_would_block() {
+        let mut h = Harness::new();
+        let mut conn = conn_open(&h);
+        // A short read, then bytes that arrived after it: they get their
+        // own edge, so this turn does not read them.
+        let mut io = Script::new().data(b"a\n").data(b"b\n");
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
+        assert_eq!(io.written, said(b"a"));
+        assert_eq!(io.reads.len(), 1);
+    }
+
+    #[test]
+    fn open_fin_makes_it_read_to_the_end() {
+        let mut h = Harness::new();
+        let mut conn = conn_open(&h);
+        let mut io = Script::new().data(b"a\n").data(b"b\n").eof();
+        assert_eq!(h.io(&mut conn, &mut io), Next::Close(CloseReason::Eof));
+        assert_eq!(io.written, [said(b"a"), said(b"b")].concat());
     }
 
     #[test]
@@ -944,11 +1292,11 @@ mod tests {
         });
         let mut conn = conn_open(&h);
         let mut io = Script::new().data(b"a\nb\nc\nd\n");
-        let _ = h.io(&mut conn, &mut io);
+        assert_eq!(h.io(&mut conn, &mut io), Next::Again);
         assert_eq!(h.tally.received, 4);
-        assert!(conn.read_again());
-        let _ = h.io(&mut conn, &mut io);
+        assert_eq!(h.io(&mut conn, &mut io), Next::Again);
         assert_eq!(h.tally.lines, 4);
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
     }
 
     #[test]
@@ -957,16 +1305,15 @@ mod tests {
         let idle = h.cfg.idle_timeout.unwrap();
         let mut conn = conn_open(&h);
         h.advance(idle / 2);
-        let _ = h.io(&mut conn, &mut Script::new().data(b"line\n"));
+        let mut io = Script::new().data(b"line\n");
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
         h.advance(idle / 2);
         // Trickled bytes do not count.
-        let _ = h.io(&mut conn, &mut Script::new().data(b"x"));
-        assert_eq!(conn.handle_timeout(h.now, &h.cfg), Next::Keep);
+        io.more(b"x");
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
+        assert_eq!(h.timeout(&mut conn), Next::Keep);
         h.advance(idle / 2);
-        assert_eq!(
-            conn.handle_timeout(h.now, &h.cfg),
-            Next::Close(CloseReason::Idle)
-        );
+        assert_eq!(h.timeout(&mut conn), Next::Close(CloseReason::Idle));
     }
 
     #[test]
@@ -974,10 +1321,10 @@ mod tests {
         let mut h = Harness::new();
         let mut conn = conn_open(&h);
         let mut io = Script::new().data(b"hello\n").room(3);
-        let _ = h.io(&mut conn, &mut io);
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
         assert_eq!(conn.interest(), Want::ReadWrite);
         io.room = usize::MAX;
-        let _ = h.io(&mut conn, &mut io);
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
         assert_eq!(io.written, b"you said: hello!\n");
         assert_eq!(conn.interest(), Want::Read);
     }
@@ -986,11 +1333,13 @@ mod tests {
     fn open_ping_pong_reuses_the_loops_spare_buffer() {
         let mut h = Harness::new();
         let mut conn = conn_open(&h);
-        let _ = h.io(&mut conn, &mut Script::new().data(b"first\n"));
+        let mut io = Script::new().data(b"first\n");
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
         let lent = h.spare.capacity();
         assert!(lent > 0, "the spare keeps the allocation");
         assert_eq!(conn.buffered_capacity(), 0);
-        let _ = h.io(&mut conn, &mut Script::new().data(b"again\n"));
+        io.more(b"again\n");
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
         assert_eq!(h.spare.capacity(), lent, "written bytes are reclaimed");
     }
 
@@ -1009,43 +1358,71 @@ mod tests {
     }
 
     #[test]
-    fn open_metrics_request_gets_a_page_and_lingers() {
-        let mut h = Harness::new();
-        let mut conn = Conn::new_metrics(peer(), h.now);
-        let mut io = Script::new().data(b"GET /metrics HTTP/1.1\r\n\r\n");
-        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
-        assert!(io.written.starts_with(b"HTTP/1.1 200"));
-        assert!(io.shut);
-        io.reads.push_back(Ok(Vec::new()));
-        assert_eq!(h.io(&mut conn, &mut io), Next::Close(CloseReason::Eof));
-    }
-
-    // ----- Busy -------------------------------------------------------------
-
-    #[test]
-    fn busy_sends_its_line_then_lingers_until_eof() {
-        let mut h = Harness::new();
-        let mut conn = Conn::new_busy(peer(), h.now);
-        let mut io = Script::new().data(b"hello\n");
-        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
-        assert_eq!(io.written, BUSY_REPLY);
-        assert!(io.shut);
-        io.reads.push_back(Ok(Vec::new()));
-        assert_eq!(h.io(&mut conn, &mut io), Next::Close(CloseReason::Busy));
-    }
-
-    #[test]
-    fn busy_is_bounded_in_time_even_without_an_idle_timeout() {
+    fn open_shutdown_answers_everything_already_sent() {
         let mut h = Harness::with(Config {
-            idle_timeout: None,
+            max_pending_output: 1 << 20,
             ..Config::default()
         });
-        let mut conn = Conn::new_busy(peer(), h.now);
-        let _ = h.io(&mut conn, &mut Script::new().room(0));
-        assert_eq!(conn.deadline(&h.cfg), Some(h.now + h.cfg.request_timeout));
+        let mut conn = conn_open(&h);
+        // Far more than one turn's read budget, all sent before the signal.
+        let lines: Vec<u8> = (0..20_000)
+            .flat_map(|i| format!("{i:>8}\n").into_bytes())
+            .collect();
+        let mut io = Script::new().data(&lines);
+        assert_eq!(h.shutdown(&mut conn, &mut io), Next::Keep);
+        assert_eq!(h.tally.lines, 20_000);
+        assert!(io.shut);
     }
 
-    // ----- Paused ---------------------------------------------------------
+    #[test]
+    fn open_shutdown_drops_an_unfinished_line() {
+        let mut h = Harness::new();
+        let mut conn = conn_open(&h);
+        let mut io = Script::new().data(b"done\nhalf");
+        assert_eq!(h.shutdown(&mut conn, &mut io), Next::Keep);
+        assert_eq!(io.written, said(b"done"));
+        assert!(matches!(
+            conn.state(),
+            State::Lingering {
+                reason: CloseReason::Shutdown,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn open_shutdown_keeps_the_output_bound_for_a_client_that_does_not_read() {
+        let mut h = Harness::with(Config {
+            max_pending_output: 1024,
+            ..Config::default()
+        });
+        let mut conn = conn_open(&h);
+        // 64 KiB of empty lines would be 768 KiB of replies.
+        let mut io = Script::new().data(&[b'\n'; 65536]).room(0);
+        assert_eq!(h.shutdown(&mut conn, &mut io), Next::Keep);
+        assert!(conn.pending_output() <= 1024 + said(b"").len());
+        assert!(matches!(
+            conn.state(),
+            State::Paused {
+                then: Resume::Finish,
+                ..
+            }
+        ));
+        // As the client reads, the rest of what was read (one read of the
+        // harness's 4 KiB buffer) is answered, then the close; what it sent
+        // after is not read once shutting down.
+        io.room = usize::MAX;
+        for _ in 0..1000 {
+            assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
+            if !matches!(conn.state(), State::Paused { .. }) {
+                break;
+            }
+        }
+        assert!(matches!(conn.state(), State::Lingering { .. }));
+        assert_eq!(io.written.len(), 4096 * said(b"").len());
+    }
+
+    // ----- Paused -----------------------------------------------------------
 
     #[test]
     fn paused_with_a_one_byte_bound_still_resumes() {
@@ -1055,10 +1432,10 @@ mod tests {
         });
         let mut conn = conn_open(&h);
         let mut io = Script::new().data(b"a\nb\nc\n");
-        for _ in 0..4 {
-            let _ = h.io(&mut conn, &mut io);
-        }
+        // Each turn answers one line, writes it, answers the next …
+        assert_eq!(h.io(&mut conn, &mut io), Next::Again);
         assert_eq!(io.written, [said(b"a"), said(b"b"), said(b"c")].concat());
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
     }
 
     #[test]
@@ -1066,8 +1443,8 @@ mod tests {
         let mut h = Harness::with(small_output());
         let (mut conn, mut io) = conn_paused(&mut h);
         assert_eq!(conn.pending_output(), 9);
-        io.reads.push_back(Ok(b"more\n".to_vec()));
-        let _ = h.io(&mut conn, &mut io);
+        io.more(b"more\n");
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
         assert_eq!(io.reads.len(), 1, "no read while paused");
         assert_eq!(conn.interest(), Want::Write);
     }
@@ -1077,10 +1454,27 @@ mod tests {
         let mut h = Harness::with(small_output());
         let (mut conn, mut io) = conn_paused(&mut h);
         io.room = usize::MAX;
-        let _ = h.io(&mut conn, &mut io);
+        assert_eq!(
+            h.io(&mut conn, &mut io),
+            Next::Again,
+            "input may wait in the kernel"
+        );
         assert_eq!(io.written, b"aaaa\nbbb\nc\n");
-        assert_eq!(conn.state(), State::Open);
-        assert!(conn.read_again(), "input may wait in the kernel");
+        assert_eq!(conn.state(), &State::Open { fin: false });
+    }
+
+    #[test]
+    fn paused_remembers_the_fin() {
+        let mut h = Harness::with(small_output());
+        let (mut conn, mut io) = conn_paused(&mut h);
+        io.more(b"d\n");
+        io.more(b"");
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
+        assert!(matches!(conn.state(), State::Paused { fin: true, .. }));
+        io.room = usize::MAX;
+        assert_eq!(h.io(&mut conn, &mut io), Next::Again);
+        assert_eq!(h.io(&mut conn, &mut io), Next::Close(CloseReason::Eof));
+        assert_eq!(io.written, b"aaaa\nbbb\nc\nd\n");
     }
 
     #[test]
@@ -1088,10 +1482,7 @@ mod tests {
         let mut h = Harness::with(small_output());
         let (mut conn, _io) = conn_paused(&mut h);
         h.advance(h.cfg.idle_timeout.unwrap());
-        assert_eq!(
-            conn.handle_timeout(h.now, &h.cfg),
-            Next::Close(CloseReason::Idle)
-        );
+        assert_eq!(h.timeout(&mut conn), Next::Close(CloseReason::Idle));
     }
 
     #[test]
@@ -1111,109 +1502,91 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn shutdown_answers_everything_already_sent() {
-        let mut h = Harness::with(Config {
-            max_pending_output: 1 << 20,
-            ..Config::default()
-        });
-        let mut conn = conn_open(&h);
-        // Far more than one turn's read budget, all sent before the signal.
-        let lines: Vec<u8> = (0..20_000)
-            .flat_map(|i| format!("{i:>8}\n").into_bytes())
-            .collect();
-        let mut io = Script::new().data(&lines);
-        assert_eq!(h.shutdown(&mut conn, &mut io), Next::Keep);
-        assert_eq!(h.tally.lines, 20_000);
-        assert!(io.shut);
-    }
-
-    #[test]
-    fn shutdown_keeps_the_output_bound_for_a_client_that_does_not_read() {
-        let mut h = Harness::with(Config {
-            max_pending_output: 1024,
-            ..Config::default()
-        });
-        let mut conn = conn_open(&h);
-        // 64 KiB of empty lines would be 768 KiB of replies.
-        let mut io = Script::new().data(&[b'\n'; 65536]).room(0);
-        assert_eq!(h.shutdown(&mut conn, &mut io), Next::Keep);
-        assert!(conn.pending_output() <= 1024 + said(b"").len());
-        assert_eq!(conn.state(), State::Paused);
-        // As the client reads, the rest of what was read (one read of the
-        // harness's 4 KiB buffer) is answered, then the close; what it sent
-        // after is not read once shutting down.
-        io.room = usize::MAX;
-        for _ in 0..1000 {
-            if h.io(&mut conn, &mut io) != Next::Keep || conn.state() != State::Paused {
-                break;
-            }
-        }
-        assert!(matches!(conn.state(), State::Lingering { .. }));
-        assert_eq!(io.written.len(), 4096 * said(b"").len());
-    }
-
-    fn said(content: &[u8]) -> Vec<u8> {
-        [line::PREFIX, content, line::SUFFIX].concat()
-    }
-
-    // ----- Flushing -------------------------------------------------------
+    // ----- Flushing ---------------------------------------------------------
 
     #[test]
     fn flushing_after_eof_waits_for_the_reader() {
         let mut h = Harness::new();
-        let mut conn = conn_open(&h);
-        let mut io = Script::new().data(b"bye\n").eof().room(4);
-        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
-        assert_eq!(conn.state(), State::Flushing(CloseReason::Eof));
+        let (mut conn, mut io) = conn_flushing(&mut h);
+        assert_eq!(conn.interest(), Want::Write);
         io.room = usize::MAX;
         assert_eq!(h.io(&mut conn, &mut io), Next::Close(CloseReason::Eof));
         assert_eq!(io.written, b"you said: bye!\n");
+        assert!(!io.shut, "the EOF was read: no need to linger");
     }
 
-    // ----- Lingering ------------------------------------------------------
+    #[test]
+    fn flushing_still_times_out() {
+        let mut h = Harness::new();
+        let (mut conn, _io) = conn_flushing(&mut h);
+        h.advance(h.cfg.idle_timeout.unwrap());
+        assert_eq!(h.timeout(&mut conn), Next::Close(CloseReason::Idle));
+    }
+
+    #[test]
+    fn flushing_busy_sends_its_line_then_lingers_until_eof() {
+        let mut h = Harness::new();
+        let mut conn = Conn::new(Kind::Busy, peer(), h.now, &h.cfg);
+        let mut io = Script::new().data(b"hello\n");
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
+        assert_eq!(io.written, BUSY_REPLY);
+        assert!(io.shut);
+        io.more(b"");
+        assert_eq!(h.io(&mut conn, &mut io), Next::Close(CloseReason::Busy));
+    }
+
+    #[test]
+    fn flushing_busy_is_bounded_in_time_even_without_an_idle_timeout() {
+        let mut h = Harness::with(Config {
+            idle_timeout: None,
+            ..Config::default()
+        });
+        let mut conn = Conn::new(Kind::Busy, peer(), h.now, &h.cfg);
+        let mut io = Script::new().room(0);
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
+        assert_eq!(conn.deadline(&h.cfg), Some(h.now + h.cfg.request_timeout));
+    }
+
+    // ----- Lingering --------------------------------------------------------
 
     #[test]
     fn lingering_discards_input_until_eof() {
-        let mut h = Harness::with(Config {
-            max_line: 2,
-            ..Config::default()
-        });
-        let mut conn = conn_open(&h);
-        let mut io = Script::new().data(b"toolong\n");
+        let mut h = Harness::with(max_line_2());
+        let (mut conn, mut io) = conn_lingering(&mut h);
+        io.more(b"still sending\n");
         assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
-        io.reads.push_back(Ok(b"still sending\n".to_vec()));
-        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
-        assert_eq!(io.written, b"error: line too long (max 2 bytes)\n");
-        io.reads.push_back(Ok(Vec::new()));
+        assert!(io.reads.is_empty(), "read and dropped");
+        io.more(b"");
         assert_eq!(h.io(&mut conn, &mut io), Next::Close(CloseReason::TooLong));
     }
 
     #[test]
     fn lingering_is_bounded_in_time() {
-        let mut h = Harness::with(Config {
-            max_line: 2,
-            ..Config::default()
-        });
-        let mut conn = conn_open(&h);
-        let _ = h.io(&mut conn, &mut Script::new().data(b"toolong\n"));
+        let mut h = Harness::with(max_line_2());
+        let (mut conn, _io) = conn_lingering(&mut h);
         assert_eq!(conn.deadline(&h.cfg), Some(h.now + h.cfg.linger_time));
         h.advance(h.cfg.linger_time);
-        assert_eq!(
-            conn.handle_timeout(h.now, &h.cfg),
-            Next::Close(CloseReason::TooLong)
-        );
+        assert_eq!(h.timeout(&mut conn), Next::Close(CloseReason::TooLong));
     }
 
     #[test]
     fn lingering_is_bounded_in_bytes() {
         let mut h = Harness::with(Config {
-            max_line: 2,
             linger_bytes: 10,
-            ..Config::default()
+            ..max_line_2()
         });
-        let mut conn = conn_open(&h);
-        let mut io = Script::new().data(b"toolong\n").data(&[b'x'; 20]);
+        let (mut conn, mut io) = conn_lingering(&mut h);
+        io.more(&[b'x'; 6]);
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
+        io.more(&[b'x'; 6]);
         assert_eq!(h.io(&mut conn, &mut io), Next::Close(CloseReason::TooLong));
+    }
+
+    #[test]
+    fn lingering_survives_a_shutdown() {
+        let mut h = Harness::with(max_line_2());
+        let (mut conn, mut io) = conn_lingering(&mut h);
+        assert_eq!(h.shutdown(&mut conn, &mut io), Next::Keep);
+        assert!(matches!(conn.state(), State::Lingering { .. }));
     }
 }

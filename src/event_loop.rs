@@ -14,17 +14,20 @@
 //!
 //! One turn of [`EventLoop::run`]: compute the timeout (zero with work on
 //! the ready list, else the next timer, else sleep), poll, dispatch each
-//! event by its token, serve the ready list, fire expired timers. The
-//! connection logic lives in `conn.rs`; this file is mechanism only, and the
-//! only one that touches `Poll` and `Registry`.
+//! event by its token, serve the ready list, fire expired timers. This file
+//! is mechanism: what a connection does is `conn.rs`, what a new connection
+//! becomes is `admission.rs`, the limits are `config.rs`. The public surface
+//! is [`EventLoop::new`], [`EventLoop::run`] and a [`ShutdownHandle`].
+//! (`main.rs` runs a second, tiny `Poll` of its own for signals.)
 //!
 //! Stale tokens: a connection's token carries its slab key *and* a
 //! generation ([`ConnId`]), and so do timer entries and the ready list. A
 //! slot freed and reused in the same turn can never be reached through the
 //! old owner's token (mio#172, mio#219).
 
+use crate::admission::{self, Counts, Decision, Kind, Limits, Service};
 use crate::config::{Config, MAX_LINGERING_BUSY, MAX_METRICS_CONNS};
-use crate::conn::{CloseReason, Conn, Cx, Hints, Next, Scratch, Tally, Want};
+use crate::conn::{BUSY_REPLY, CloseReason, Conn, Cx, Hints, Next, Scratch, Tally, Want};
 use crate::listener::{self, Accepted};
 use crate::metrics::Counters;
 use crate::timer::Timer;
@@ -34,6 +37,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 use std::io::{self, Write};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -114,21 +118,8 @@ pub struct Shared {
     /// Every loop's counters (a `/metrics` page sums them); loop `i` writes
     /// only `counters[i]`.
     pub counters: Arc<[Arc<Counters>]>,
-    /// Live connections in the whole process (for `--max-connections`).
+    /// Live echo clients in the whole process (for `--max-connections`).
     pub live: Arc<AtomicUsize>,
-}
-
-/// What a connection is to the server, which decides how it is counted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Role {
-    /// A line-echo client: counted in the metrics and against
-    /// `--max-connections`.
-    Client,
-    /// A client over `--max-connections`, being told `error: server busy`
-    /// and lingering until it has read it; at most [`MAX_LINGERING_BUSY`].
-    Busy,
-    /// A `--metrics` scrape; at most [`MAX_METRICS_CONNS`], not counted.
-    Metrics,
 }
 
 /// What the loop tells a connection in [`EventLoop::drive`].
@@ -140,19 +131,10 @@ enum Happened {
     Shutdown,
 }
 
-/// What a listening socket accepts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    /// Line-echo clients.
-    Echo,
-    /// `--metrics` HTTP clients.
-    Metrics,
-}
-
-/// A listening socket and what it accepts.
+/// A listening socket and what it serves.
 struct Listener {
     socket: TcpListener,
-    kind: Kind,
+    service: Service,
 }
 
 /// A connection in the slab with the loop's bookkeeping for it.
@@ -161,6 +143,8 @@ struct Slot {
     socket: TcpStream,
     /// The protocol state machine.
     conn: Conn,
+    /// What the connection is to the server (how it is counted).
+    kind: Kind,
     /// Distinguishes this owner of the slab key from earlier ones.
     generation: u32,
     /// The interest currently registered with the poll.
@@ -171,8 +155,96 @@ struct Slot {
     armed: Option<Instant>,
     /// On the ready list already.
     queued: bool,
-    /// What the connection is to the server (how it is counted).
-    role: Role,
+}
+
+/// The connections and what remembers work for them.
+struct Conns {
+    /// Live connections, keyed by the low half of their token.
+    slab: Slab<Slot>,
+    /// Connections to serve next turn although no event will come for them
+    /// ([`Next::Again`]).
+    ready: Vec<ConnId>,
+    /// Idle, linger and request deadlines.
+    timer: Timer<ConnId>,
+    /// The generation given to the next connection.
+    next_generation: u32,
+}
+
+impl Conns {
+    /// The slot of `id`, if that connection still lives (generation checked).
+    fn get(&mut self, id: ConnId) -> Option<&mut Slot> {
+        slot_mut(&mut self.slab, id)
+    }
+
+    fn ids(&self) -> Vec<ConnId> {
+        self.slab
+            .iter()
+            .map(|(key, slot)| ConnId {
+                key: key as u32,
+                generation: slot.generation,
+            })
+            .collect()
+    }
+}
+
+/// What the loop counts, and where.
+struct Counting {
+    /// Traffic counted since the last turn, added to `mine` once a turn.
+    tally: Tally,
+    /// This loop's metrics (written only here).
+    mine: Arc<Counters>,
+    /// Every loop's metrics, for `/metrics` pages.
+    all: Arc<[Arc<Counters>]>,
+    /// Live echo clients in the whole process.
+    live: Arc<AtomicUsize>,
+    /// Busy connections in this loop now.
+    busy: usize,
+    /// Metrics connections in this loop now.
+    metrics: usize,
+}
+
+impl Counting {
+    /// A new connection of `kind` takes its place under its cap (an echo
+    /// client's place was reserved in `live` before admission).
+    fn opened(&mut self, kind: Kind) {
+        match kind {
+            Kind::Client => {}
+            Kind::Busy => self.busy += 1,
+            Kind::Metrics => self.metrics += 1,
+        }
+    }
+
+    /// Counts a closed connection and frees its place under its cap.
+    fn closed(&mut self, kind: Kind, reason: CloseReason) {
+        match kind {
+            Kind::Client => {
+                self.mine.closed(reason);
+                self.live.fetch_sub(1, Ordering::Relaxed);
+            }
+            Kind::Busy => {
+                self.mine.closed(CloseReason::Busy);
+                self.busy -= 1;
+            }
+            Kind::Metrics => self.metrics -= 1,
+        }
+    }
+
+    fn publish(&mut self) {
+        let t = std::mem::take(&mut self.tally);
+        if t != Tally::default() {
+            self.mine.add_lines(t.lines);
+            self.mine.add_received(t.received);
+            self.mine.add_sent(t.sent);
+        }
+    }
+}
+
+/// Accepting is paused while descriptors are exhausted.
+struct Accepting {
+    /// Set while paused: when to retry.
+    paused_until: Option<Instant>,
+    /// The next pause, doubled while descriptors stay exhausted.
+    backoff: Duration,
 }
 
 /// One single-threaded event loop. Build it with [`EventLoop::new`], take a
@@ -182,45 +254,27 @@ pub struct EventLoop {
     poll: Poll,
     /// Listening sockets (token `LISTENER_BASE - index`); emptied at shutdown.
     listeners: Vec<Listener>,
-    /// Live connections, keyed by the low half of their token.
-    conns: Slab<Slot>,
-    /// Idle and linger deadlines.
-    timer: Timer<ConnId>,
-    /// Connections whose read budget ran out with input left: served next
-    /// turn, since no edge will come for bytes already in the kernel.
-    ready: Vec<ConnId>,
+    /// Wakes the loop from another thread (shutdown).
+    waker: Arc<Waker>,
+    /// The connections, the ready list and the timer wheel.
+    conns: Conns,
     /// The read buffer every connection reads into.
     input: Box<[u8]>,
-    /// An output buffer lent to the connection being served.
+    /// An output buffer lent to the connection being served (see
+    /// [`Scratch`]).
     spare: BytesMut,
-    /// Traffic counted since the last turn, added to `counters` once a turn.
-    tally: Tally,
-    /// Limits and mode.
-    cfg: Arc<Config>,
-    /// The generation given to the next connection.
-    next_generation: u32,
-    /// Set while accepting is paused for lack of descriptors: when to retry.
-    accept_paused_until: Option<Instant>,
-    /// The next pause, doubled while descriptors stay exhausted.
-    accept_backoff: Duration,
+    /// Counters and the counts admission looks at.
+    counting: Counting,
+    /// The accept pause.
+    accepting: Accepting,
     /// Set by a [`ShutdownHandle`]; read after the waker fires.
     shutdown_requested: Arc<AtomicBool>,
     /// Once shutting down: when to drop whatever has not finished.
     shutdown_deadline: Option<Instant>,
-    /// This loop's metrics (written only here).
-    counters: Arc<Counters>,
-    /// Every loop's metrics, for `/metrics` pages.
-    all_counters: Arc<[Arc<Counters>]>,
-    /// Live connections in the whole process (for `--max-connections`).
-    live: Arc<AtomicUsize>,
-    /// Wakes the loop from another thread.
-    waker: Arc<Waker>,
+    /// Limits and mode.
+    cfg: Arc<Config>,
     /// This loop's number, for logs.
     index: usize,
-    /// Connections in [`Role::Busy`] now.
-    busy_conns: usize,
-    /// Connections in [`Role::Metrics`] now.
-    metrics_conns: usize,
 }
 
 impl EventLoop {
@@ -234,44 +288,50 @@ impl EventLoop {
     ) -> io::Result<EventLoop> {
         let Shared {
             cfg,
-            counters: all_counters,
+            counters,
             live,
         } = shared;
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let kinds = echo
+        let services = echo
             .into_iter()
-            .map(|l| (l, Kind::Echo))
-            .chain(metrics.map(|l| (l, Kind::Metrics)));
+            .map(|l| (l, Service::Echo))
+            .chain(metrics.map(|l| (l, Service::Metrics)));
         let mut listeners = Vec::new();
-        for (i, (l, kind)) in kinds.enumerate() {
+        for (i, (l, service)) in services.enumerate() {
             let mut socket = TcpListener::from_std(l);
             poll.registry()
                 .register(&mut socket, Token(LISTENER_BASE - i), Interest::READABLE)?;
-            listeners.push(Listener { socket, kind });
+            listeners.push(Listener { socket, service });
         }
         Ok(EventLoop {
             poll,
             listeners,
-            conns: Slab::new(),
-            timer: Timer::new(cfg.timer_tick(), Instant::now()),
-            ready: Vec::new(),
+            waker,
+            conns: Conns {
+                slab: Slab::new(),
+                ready: Vec::new(),
+                timer: Timer::new(cfg.timer_tick(), Instant::now()),
+                next_generation: 0,
+            },
             input: vec![0; cfg.read_budget.max(1)].into_boxed_slice(),
             spare: BytesMut::new(),
-            tally: Tally::default(),
-            next_generation: 0,
-            accept_paused_until: None,
-            accept_backoff: ACCEPT_PAUSE_MIN,
+            counting: Counting {
+                tally: Tally::default(),
+                mine: counters[index].clone(),
+                all: counters,
+                live,
+                busy: 0,
+                metrics: 0,
+            },
+            accepting: Accepting {
+                paused_until: None,
+                backoff: ACCEPT_PAUSE_MIN,
+            },
             shutdown_requested: Arc::new(AtomicBool::new(false)),
             shutdown_deadline: None,
-            counters: all_counters[index].clone(),
-            index,
-            busy_conns: 0,
-            metrics_conns: 0,
-            all_counters,
-            live,
-            waker,
             cfg,
+            index,
         })
     }
 
@@ -289,7 +349,7 @@ impl EventLoop {
         loop {
             let now = Instant::now();
             if let Some(deadline) = self.shutdown_deadline
-                && (self.conns.is_empty() || now >= deadline)
+                && (self.conns.slab.is_empty() || now >= deadline)
             {
                 self.abandon_remaining();
                 return Ok(());
@@ -324,7 +384,7 @@ impl EventLoop {
             self.serve_ready(now);
             self.expire_timers(now);
             self.resume_accepting(now);
-            self.publish_tally();
+            self.counting.publish();
         }
     }
 
@@ -332,12 +392,12 @@ impl EventLoop {
     /// accept retry or the shutdown deadline; `None` (sleep) when nothing
     /// is scheduled at all.
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        if !self.ready.is_empty() {
+        if !self.conns.ready.is_empty() {
             return Some(Duration::ZERO);
         }
         [
-            self.timer.next_wakeup(),
-            self.accept_paused_until,
+            self.conns.timer.next_wakeup(),
+            self.accepting.paused_until,
             self.shutdown_deadline,
         ]
         .into_iter()
@@ -351,19 +411,24 @@ impl EventLoop {
     /// Tells connection `id` what happened, lending it the loop's buffers,
     /// then settles the verdict.
     fn drive(&mut self, id: ConnId, event: Happened, now: Instant) {
-        let Some(slot) = slot_mut(&mut self.conns, id) else {
+        let Some(slot) = self.conns.get(id) else {
             return; // stale: the connection is gone
         };
         let mut scratch = Scratch {
             input: &mut self.input,
             spare: &mut self.spare,
         };
+        // A metrics scrape is not echo traffic: its bytes go to a tally
+        // nobody reads.
         let mut uncounted = Tally::default();
         let mut cx = Cx {
             cfg: &self.cfg,
             now,
-            tally: tally_for(slot.role, &mut self.tally, &mut uncounted),
-            metrics: &self.all_counters,
+            tally: match slot.kind {
+                Kind::Metrics => &mut uncounted,
+                Kind::Client | Kind::Busy => &mut self.counting.tally,
+            },
+            metrics: &self.counting.all,
         };
         let next = match event {
             Happened::Io(mut hints) => {
@@ -382,27 +447,26 @@ impl EventLoop {
         self.settle(id, next);
     }
 
-    /// After any `handle_*`: close, or bring the poll registration, the ready
-    /// list and the timer in line with what the connection now wants.
+    /// After any `handle_*`: close, or bring the ready list, the poll
+    /// registration and the timer in line with what the connection wants.
     fn settle(&mut self, id: ConnId, next: Next) {
         if let Next::Close(reason) = next {
-            self.close(id, reason);
-            return;
+            return self.close(id, reason);
         }
-        let Some(slot) = slot_mut(&mut self.conns, id) else {
+        let Conns {
+            slab, ready, timer, ..
+        } = &mut self.conns;
+        let Some(slot) = slot_mut(slab, id) else {
             return;
         };
-        if slot.conn.read_again() && !slot.queued {
+        if next == Next::Again && !slot.queued {
             slot.queued = true;
-            self.ready.push(id);
+            ready.push(id);
         }
         let want = slot.conn.interest();
         if want != slot.registered {
-            if let Err(e) =
-                self.poll
-                    .registry()
-                    .reregister(&mut slot.socket, id.token(), interest(want))
-            {
+            let registry = self.poll.registry();
+            if let Err(e) = registry.reregister(&mut slot.socket, id.token(), interest(want)) {
                 warn!("{}: reregister failed: {e}", slot.conn.peer());
                 self.close(id, CloseReason::Error);
                 return;
@@ -414,7 +478,7 @@ impl EventLoop {
             // picked up when the armed entry fires (Netty's idle pattern),
             // so a line never touches the wheel.
             if slot.armed.is_none_or(|armed| armed > deadline) {
-                self.timer.schedule(id, deadline);
+                timer.schedule(id, deadline);
                 slot.armed = Some(deadline);
             }
         }
@@ -422,35 +486,20 @@ impl EventLoop {
 
     /// Releases the socket, the slab slot and (by generation) the timer.
     fn close(&mut self, id: ConnId, reason: CloseReason) {
-        if slot_mut(&mut self.conns, id).is_none() {
+        if self.conns.get(id).is_none() {
             return;
         }
-        let mut slot = self.conns.remove(id.key as usize);
+        let mut slot = self.conns.slab.remove(id.key as usize);
         let _ = self.poll.registry().deregister(&mut slot.socket);
         debug!("{}: closed ({})", slot.conn.peer(), reason.as_str());
-        self.release(slot.role, reason);
+        self.counting.closed(slot.kind, reason);
     }
 
-    /// Counts a closed connection and frees its place under its cap.
-    fn release(&mut self, role: Role, reason: CloseReason) {
-        match role {
-            Role::Client => {
-                self.counters.closed(reason);
-                self.live.fetch_sub(1, Ordering::Relaxed);
-            }
-            Role::Busy => {
-                self.counters.closed(CloseReason::Busy);
-                self.busy_conns -= 1;
-            }
-            Role::Metrics => self.metrics_conns -= 1,
-        }
-    }
-
-    /// Serves the connections whose budget ran out last turn.
+    /// Serves the connections that asked to be served again.
     fn serve_ready(&mut self, now: Instant) {
-        let mut ids = std::mem::take(&mut self.ready);
+        let mut ids = std::mem::take(&mut self.conns.ready);
         for &id in &ids {
-            if let Some(slot) = slot_mut(&mut self.conns, id) {
+            if let Some(slot) = self.conns.get(id) {
                 slot.queued = false;
                 let hints = Hints {
                     readable: true,
@@ -460,16 +509,16 @@ impl EventLoop {
             }
         }
         ids.clear();
-        if self.ready.is_empty() {
-            self.ready = ids; // keep the allocation
+        if self.conns.ready.is_empty() {
+            self.conns.ready = ids; // keep the allocation
         }
     }
 
     /// Fires due timer entries; stale ones (gone or re-armed) are ignored.
     fn expire_timers(&mut self, now: Instant) {
-        for entry in self.timer.expired(now) {
+        for entry in self.conns.timer.expired(now) {
             let id = entry.key;
-            let Some(slot) = slot_mut(&mut self.conns, id) else {
+            let Some(slot) = self.conns.get(id) else {
                 continue;
             };
             if slot.armed != Some(entry.at) {
@@ -481,29 +530,20 @@ impl EventLoop {
         }
     }
 
-    fn publish_tally(&mut self) {
-        let t = std::mem::take(&mut self.tally);
-        if t != Tally::default() {
-            self.counters.add_lines(t.lines);
-            self.counters.add_received(t.received);
-            self.counters.add_sent(t.sent);
-        }
-    }
-
     // ----- accepting -------------------------------------------------------
 
     /// Accepts until the queue is empty, unless paused for descriptors.
     fn accept(&mut self, i: usize, now: Instant) {
-        if self.accept_paused_until.is_some() {
+        if self.accepting.paused_until.is_some() {
             return; // the pause timer retries every listener
         }
         // `get` every time round: `admit` needs `&mut self` in between.
         while let Some(listener) = self.listeners.get(i) {
-            let kind = listener.kind;
+            let service = listener.service;
             match listener::accept(&listener.socket) {
                 Accepted::Conn(stream, peer) => {
                     self.end_accept_pause_episode();
-                    self.admit(stream, peer, kind, now);
+                    self.admit(stream, peer, service, now);
                 }
                 Accepted::WouldBlock => {
                     self.end_accept_pause_episode();
@@ -511,16 +551,17 @@ impl EventLoop {
                 }
                 Accepted::Transient(e) => debug!("accept: {e} (skipped)"),
                 Accepted::Exhausted(e) | Accepted::Failed(e) => {
-                    if self.accept_backoff == ACCEPT_PAUSE_MIN {
+                    let a = &mut self.accepting;
+                    if a.backoff == ACCEPT_PAUSE_MIN {
                         warn!(
                             "accept: {e}; pausing accepts, retrying with backoff \
                              (open here: {}; out of descriptors? raise `ulimit -n` \
                              or lower --max-connections)",
-                            self.conns.len()
+                            self.conns.slab.len()
                         );
                     }
-                    self.accept_paused_until = Some(now + self.accept_backoff);
-                    self.accept_backoff = (self.accept_backoff * 2).min(ACCEPT_PAUSE_MAX);
+                    a.paused_until = Some(now + a.backoff);
+                    a.backoff = (a.backoff * 2).min(ACCEPT_PAUSE_MAX);
                     return;
                 }
             }
@@ -530,97 +571,95 @@ impl EventLoop {
     /// An accept went through after a pause: the episode is over, and the
     /// next one starts again at the shortest pause with a new warning.
     fn end_accept_pause_episode(&mut self) {
-        if self.accept_backoff > ACCEPT_PAUSE_MIN {
+        if self.accepting.backoff > ACCEPT_PAUSE_MIN {
             info!("accepting again");
-            self.accept_backoff = ACCEPT_PAUSE_MIN;
+            self.accepting.backoff = ACCEPT_PAUSE_MIN;
         }
     }
 
     /// Retries accepting on every listener once the pause is over.
     fn resume_accepting(&mut self, now: Instant) {
-        if self.accept_paused_until.is_some_and(|until| until <= now) {
-            self.accept_paused_until = None;
+        if self
+            .accepting
+            .paused_until
+            .is_some_and(|until| until <= now)
+        {
+            self.accepting.paused_until = None;
             for i in 0..self.listeners.len() {
                 self.accept(i, now);
             }
         }
     }
 
-    /// Takes a new connection into the slab in the role it gets: a client,
-    /// a client turned away as busy, or a metrics scrape.
-    fn admit(
-        &mut self,
-        mut stream: TcpStream,
-        peer: std::net::SocketAddr,
-        kind: Kind,
-        now: Instant,
-    ) {
-        let role = match kind {
-            Kind::Metrics if self.metrics_conns >= MAX_METRICS_CONNS => {
-                debug!("{peer}: too many metrics connections");
-                return; // dropping the stream closes it
+    /// Applies [`admission::decide`] to a new connection. An echo client's
+    /// place under the process-wide cap is reserved first (`fetch_add`), so
+    /// two loops racing for the last place cannot both win.
+    fn admit(&mut self, stream: TcpStream, peer: SocketAddr, service: Service, now: Instant) {
+        let c = &mut self.counting;
+        let clients = match service {
+            Service::Echo => {
+                c.mine.accepted();
+                c.live.fetch_add(1, Ordering::Relaxed)
             }
-            Kind::Metrics => Role::Metrics,
-            Kind::Echo => {
-                self.counters.accepted();
-                // Only echo clients count against --max-connections: a
-                // metrics scrape must still work when the server is full.
-                if self.live.fetch_add(1, Ordering::Relaxed) < self.cfg.max_connections {
-                    Role::Client
-                } else {
-                    self.live.fetch_sub(1, Ordering::Relaxed);
-                    if self.busy_conns >= MAX_LINGERING_BUSY {
-                        turn_away(stream, peer);
-                        self.counters.closed(CloseReason::Busy);
-                        return;
-                    }
-                    Role::Busy
-                }
-            }
+            Service::Metrics => 0,
         };
-        match role {
-            Role::Client => {}
-            Role::Busy => self.busy_conns += 1,
-            Role::Metrics => self.metrics_conns += 1,
+        let counts = Counts {
+            clients,
+            busy: c.busy,
+            metrics: c.metrics,
+        };
+        let limits = Limits {
+            max_clients: self.cfg.max_connections,
+            max_busy: MAX_LINGERING_BUSY,
+            max_metrics: MAX_METRICS_CONNS,
+        };
+        let decision = admission::decide(service, counts, limits);
+        if service == Service::Echo && decision != Decision::Admit(Kind::Client) {
+            c.live.fetch_sub(1, Ordering::Relaxed);
         }
-        let entry = self.conns.vacant_entry();
+        match decision {
+            Decision::Admit(kind) => self.insert(stream, peer, kind, now),
+            Decision::TurnAway => {
+                turn_away(stream, peer);
+                c.mine.closed(CloseReason::Busy);
+            }
+            Decision::Refuse => debug!("{peer}: too many metrics connections"),
+        }
+    }
+
+    /// Takes an admitted connection into the slab and registers it.
+    fn insert(&mut self, mut stream: TcpStream, peer: SocketAddr, kind: Kind, now: Instant) {
+        self.counting.opened(kind);
+        let entry = self.conns.slab.vacant_entry();
         // Slab keys stay far below u32::MAX (the descriptor limit bounds
         // them), but a token must never be ambiguous.
         let Ok(key) = u32::try_from(entry.key()) else {
-            self.release(role, CloseReason::Error);
+            self.counting.closed(kind, CloseReason::Error);
             return;
         };
         let id = ConnId {
             key,
-            generation: self.next_generation,
+            generation: self.conns.next_generation,
         };
-        self.next_generation = self.next_generation.wrapping_add(1) & ConnId::GEN_MASK;
+        self.conns.next_generation = self.conns.next_generation.wrapping_add(1) & ConnId::GEN_MASK;
         let _ = stream.set_nodelay(true);
-        if let Err(e) = self
-            .poll
-            .registry()
-            .register(&mut stream, id.token(), Interest::READABLE)
-        {
+        let registry = self.poll.registry();
+        if let Err(e) = registry.register(&mut stream, id.token(), Interest::READABLE) {
             warn!("{peer}: register failed: {e}");
-            self.release(role, CloseReason::Error);
+            self.counting.closed(kind, CloseReason::Error);
             return;
         }
-        debug!("{peer}: accepted by loop {} ({role:?})", self.index);
-        let conn = match role {
-            Role::Client => Conn::new(peer, now, &self.cfg),
-            Role::Busy => Conn::new_busy(peer, now),
-            Role::Metrics => Conn::new_metrics(peer, now),
-        };
+        debug!("{peer}: accepted by loop {} ({kind:?})", self.index);
         entry.insert(Slot {
             socket: stream,
-            conn,
-            role,
+            conn: Conn::new(kind, peer, now, &self.cfg),
+            kind,
             generation: id.generation,
             registered: Want::Read,
             armed: None,
             queued: false,
         });
-        if role == Role::Busy {
+        if kind == Kind::Busy {
             // Its reply is ready: write it now.
             self.drive(id, Happened::Io(Hints::default()), now);
         } else {
@@ -640,56 +679,38 @@ impl EventLoop {
         for mut l in self.listeners.drain(..) {
             let _ = self.poll.registry().deregister(&mut l.socket);
         }
-        self.accept_paused_until = None;
+        self.accepting.paused_until = None;
         self.shutdown_deadline = Some(now + self.cfg.shutdown_timeout);
         info!(
             "shutting down: {} connection(s) to finish within {:?}",
-            self.conns.len(),
+            self.conns.slab.len(),
             self.cfg.shutdown_timeout
         );
-        let ids: Vec<ConnId> = self
-            .conns
-            .iter()
-            .map(|(key, slot)| ConnId {
-                key: key as u32,
-                generation: slot.generation,
-            })
-            .collect();
-        for id in ids {
+        for id in self.conns.ids() {
             self.drive(id, Happened::Shutdown, now);
         }
     }
 
     /// The shutdown deadline passed: drop whoever did not finish.
     fn abandon_remaining(&mut self) {
-        if !self.conns.is_empty() {
+        if !self.conns.slab.is_empty() {
             warn!(
                 "shutdown timeout: dropping {} connection(s) that did not finish",
-                self.conns.len()
+                self.conns.slab.len()
             );
         }
-        let mut conns = std::mem::take(&mut self.conns);
-        for mut slot in conns.drain() {
+        let mut slab = std::mem::take(&mut self.conns.slab);
+        for mut slot in slab.drain() {
             let _ = self.poll.registry().deregister(&mut slot.socket);
-            self.release(slot.role, CloseReason::Shutdown);
+            self.counting.closed(slot.kind, CloseReason::Shutdown);
         }
-        self.publish_tally();
-    }
-}
-
-/// Where a connection's traffic is counted: a metrics scrape is not echo
-/// traffic, so its bytes go to a tally nobody reads.
-fn tally_for<'a>(role: Role, tally: &'a mut Tally, uncounted: &'a mut Tally) -> &'a mut Tally {
-    match role {
-        Role::Metrics => uncounted,
-        Role::Client | Role::Busy => tally,
+        self.counting.publish();
     }
 }
 
 /// The slot of `id`, if that connection still lives (generation checked).
-fn slot_mut(conns: &mut Slab<Slot>, id: ConnId) -> Option<&mut Slot> {
-    conns
-        .get_mut(id.key as usize)
+fn slot_mut(slab: &mut Slab<Slot>, id: ConnId) -> Option<&mut Slot> {
+    slab.get_mut(id.key as usize)
         .filter(|s| s.generation == id.generation)
 }
 
@@ -709,7 +730,7 @@ fn interrupted(e: &io::Error) -> bool {
 /// already lingering: one best-effort `error: server busy` and a close. A
 /// client that is still sending may then lose the line to an RST; the
 /// bound keeps a connection flood from costing unbounded descriptors.
-fn turn_away(mut stream: TcpStream, peer: std::net::SocketAddr) {
+fn turn_away(mut stream: TcpStream, peer: SocketAddr) {
     debug!("{peer}: server busy (not lingering)");
-    let _ = stream.write(crate::conn::BUSY_REPLY);
+    let _ = stream.write(BUSY_REPLY);
 }

@@ -87,6 +87,7 @@
 //!   `sd_notify`: `main.rs`; metrics: [`metrics`] plus the `Request` state;
 //!   PROXY protocol: [`proxy`] plus the `ProxyHeader` state.
 
+pub mod admission;
 pub mod config;
 pub mod conn;
 pub mod event_loop;

@@ -1,7 +1,7 @@
-//! Line framing and reply building: pure functions from bytes to bytes.
+//! Line framing and reply building: pure code from bytes to bytes.
 //!
 //! Nothing here touches a socket, a clock or the event loop, so every rule of
-//! SPEC §1 about *bytes* is decided here and tested here without I/O:
+//! SPEC.md §1 about *bytes* is decided here and tested here without I/O:
 //!
 //! - a line ends at `\n`; its *content* drops the `\n` and one trailing `\r`
 //!   (Ruby's `chomp`);
@@ -12,11 +12,13 @@
 //!   is decided while the line is still arriving, so an unterminated line can
 //!   never grow a buffer past `max_line + 1` bytes.
 //!
-//! The contract of [`next_line`] follows mini-redis's `parse_frame`: check,
-//! parse, report how much was consumed; `Incomplete` is not an error. The
-//! caller keeps the unconsumed tail and calls again when more bytes arrive.
-//! Splitting the same input at any offsets gives the same replies (see the
-//! property tests at the bottom).
+//! [`Framer`] is what a connection uses: it owns the unfinished line between
+//! reads, joins it with the next read, and answers every complete line into
+//! the connection's output until that output is full. Underneath,
+//! [`next_line`] follows mini-redis's `parse_frame`: check, parse, report how
+//! much was consumed; `Incomplete` is not an error. Splitting the same input
+//! at any offsets gives the same replies: the property tests at the bottom
+//! run the real [`Framer`] against a model over arbitrary splits.
 
 use bytes::BytesMut;
 
@@ -67,7 +69,7 @@ pub fn next_line(buf: &[u8], max_line: usize) -> Frame {
 }
 
 /// True when `partial`, a line without its `\n` yet, can no longer fit.
-pub fn unterminated_too_long(partial: &[u8], max_line: usize) -> bool {
+fn unterminated_too_long(partial: &[u8], max_line: usize) -> bool {
     partial.len() > max_line.saturating_add(1)
         || (partial.len() == max_line.saturating_add(1) && partial.last() != Some(&b'\r'))
 }
@@ -149,6 +151,136 @@ pub fn answer_lines(
         consumed,
         lines,
         stop,
+    }
+}
+
+/// The limits and mode a [`Framer`] answers by (from the configuration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rules {
+    /// Prefix or raw replies.
+    pub mode: Mode,
+    /// The longest content a line may have (`--max-line`).
+    pub max_line: usize,
+    /// Lines are answered only while fewer reply bytes than this are
+    /// queued (`--max-pending-output`).
+    pub max_output: usize,
+}
+
+/// What one [`Framer`] call did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Framed {
+    /// Lines answered.
+    pub lines: usize,
+    /// Why it stopped: [`Stop::Incomplete`] (all answered), [`Stop::Full`]
+    /// (the output reached `max_output`; the rest waits in the framer) or
+    /// [`Stop::TooLong`] (the framer is emptied; the caller sends the error).
+    pub stop: Stop,
+}
+
+/// The input side of a connection: the bytes read but not answered yet.
+///
+/// Invariant: after [`Framer::push`] or [`Framer::resume`] returned
+/// [`Stop::Incomplete`], the framer holds at most one unfinished line (no
+/// `\n`) of at most `max_line + 1` bytes. After [`Stop::Full`] it may also
+/// hold whole lines; then only [`Framer::resume`] may be called until it
+/// answers `Incomplete` again. An empty framer owns no heap.
+#[derive(Debug, Default)]
+pub struct Framer {
+    /// Unanswered input.
+    pending: BytesMut,
+}
+
+impl Framer {
+    /// Frames freshly read bytes after the unfinished line kept from earlier
+    /// reads, answering complete lines into `out`.
+    pub fn push(&mut self, data: &[u8], rules: Rules, out: &mut BytesMut) -> Framed {
+        if self.pending.is_empty() {
+            return self.answer(data, rules, out);
+        }
+        // What is kept is one unfinished line: only the new bytes are searched.
+        let Some(nl) = memchr::memchr(b'\n', data) else {
+            self.pending.extend_from_slice(data);
+            if unterminated_too_long(&self.pending, rules.max_line) {
+                self.clear();
+                return Framed {
+                    lines: 0,
+                    stop: Stop::TooLong,
+                };
+            }
+            return Framed {
+                lines: 0,
+                stop: Stop::Incomplete,
+            };
+        };
+        self.pending.extend_from_slice(&data[..=nl]);
+        let joined = std::mem::take(&mut self.pending);
+        let first = self.answer(&joined, rules, out);
+        let rest = &data[nl + 1..];
+        match first.stop {
+            Stop::Incomplete => {
+                let more = self.answer(rest, rules, out);
+                Framed {
+                    lines: first.lines + more.lines,
+                    stop: more.stop,
+                }
+            }
+            Stop::Full => {
+                self.pending.extend_from_slice(rest);
+                first
+            }
+            Stop::TooLong => first,
+        }
+    }
+
+    /// Answers the lines that waited while the output was full.
+    pub fn resume(&mut self, rules: Rules, out: &mut BytesMut) -> Framed {
+        let kept = std::mem::take(&mut self.pending);
+        self.answer(&kept, rules, out)
+    }
+
+    /// End of input: what is left without a `\n` is a final line and gets
+    /// its reply. Returns the number of lines answered (0 or 1).
+    pub fn finish(&mut self, mode: Mode, out: &mut BytesMut) -> usize {
+        if self.pending.is_empty() {
+            return 0;
+        }
+        write_reply(mode, &self.pending, out);
+        self.clear();
+        1
+    }
+
+    /// Drops unanswered input and its allocation.
+    pub fn clear(&mut self) {
+        self.pending = BytesMut::new();
+    }
+
+    /// Bytes held.
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// True when nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Heap bytes held.
+    pub fn capacity(&self) -> usize {
+        self.pending.capacity()
+    }
+
+    /// Answers the complete lines at the start of `input` (the framer is
+    /// empty here) and keeps what is left, unless the line was too long.
+    fn answer(&mut self, input: &[u8], rules: Rules, out: &mut BytesMut) -> Framed {
+        let a = answer_lines(input, rules.mode, rules.max_line, out, rules.max_output);
+        match a.stop {
+            Stop::TooLong => self.clear(),
+            Stop::Incomplete | Stop::Full => self.pending.extend_from_slice(&input[a.consumed..]),
+        }
+        Framed {
+            lines: a.lines,
+            stop: a.stop,
+        }
     }
 }
 
@@ -246,24 +378,59 @@ mod tests {
         );
     }
 
-    /// Feeds `input` in the given chunks the way a connection does: keep the
-    /// unconsumed tail, append the next chunk, answer again. Returns the
-    /// replies and whether the stream ended in `TooLong`, plus the largest
-    /// tail ever kept.
-    fn feed(mode: Mode, max_line: usize, chunks: &[&[u8]]) -> (Vec<u8>, bool, usize) {
-        let mut tail: Vec<u8> = Vec::new();
-        let mut out = BytesMut::new();
-        let mut biggest = 0;
-        for chunk in chunks {
-            tail.extend_from_slice(chunk);
-            let a = answer_lines(&tail, mode, max_line, &mut out, usize::MAX);
-            tail.drain(..a.consumed);
-            if a.stop == Stop::TooLong {
-                return (out.to_vec(), true, biggest);
+    // ----- the real framer against a model, over arbitrary splits --------
+
+    /// The trivially correct answer for the whole input at once: the reply
+    /// to every line before the first too-long one, and whether there was
+    /// one (an unterminated tail is too long once even a `\n` now could not
+    /// make it fit).
+    fn model(mode: Mode, max_line: usize, input: &[u8]) -> (Vec<u8>, bool) {
+        let mut out = Vec::new();
+        let mut rest = input;
+        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+            let line = &rest[..=i];
+            let mut body = &line[..i];
+            if body.last() == Some(&b'\r') {
+                body = &body[..body.len() - 1];
             }
-            biggest = biggest.max(tail.len());
+            if body.len() > max_line {
+                return (out, true);
+            }
+            match mode {
+                Mode::Prefix => out.extend([b"you said: ", body, b"!\n"].concat()),
+                Mode::Raw => out.extend_from_slice(line),
+            }
+            rest = &rest[i + 1..];
         }
-        (out.to_vec(), false, biggest)
+        let fits_with_newline = rest.len() - usize::from(rest.last() == Some(&b'\r')) <= max_line;
+        (out, !fits_with_newline)
+    }
+
+    /// Feeds `chunks` to a real [`Framer`] the way a connection does: push
+    /// each read; when the output is full, let the client take everything
+    /// and resume. Returns the replies, whether it ended in `TooLong`, and
+    /// the most bytes the framer held between reads.
+    fn run_framer(rules: Rules, chunks: &[&[u8]]) -> (Vec<u8>, bool, usize) {
+        let mut framer = Framer::default();
+        let mut out = BytesMut::new();
+        let mut taken = Vec::new();
+        let mut held = 0;
+        for chunk in chunks {
+            let mut framed = framer.push(chunk, rules, &mut out);
+            while framed.stop == Stop::Full {
+                assert!(out.len() >= rules.max_output);
+                taken.extend_from_slice(&out.split());
+                framed = framer.resume(rules, &mut out);
+            }
+            if framed.stop == Stop::TooLong {
+                assert!(framer.is_empty() && framer.capacity() == 0);
+                taken.extend_from_slice(&out);
+                return (taken, true, held);
+            }
+            held = held.max(framer.len());
+        }
+        taken.extend_from_slice(&out);
+        (taken, false, held)
     }
 
     fn split_at_all<'a>(input: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
@@ -293,52 +460,85 @@ mod tests {
         )
     }
 
+    fn rules_strategy() -> impl Strategy<Value = Rules> {
+        (
+            any::<bool>(),
+            0usize..12,
+            prop_oneof![Just(usize::MAX), 1usize..40],
+        )
+            .prop_map(|(raw, max_line, max_output)| Rules {
+                mode: if raw { Mode::Raw } else { Mode::Prefix },
+                max_line,
+                max_output,
+            })
+    }
+
+    #[test]
+    fn framer_joins_a_line_split_over_reads() {
+        let rules = Rules {
+            mode: Mode::Prefix,
+            max_line: 16,
+            max_output: usize::MAX,
+        };
+        let (out, too_long, held) = run_framer(rules, &[b"he", b"l", b"lo\nwor", b"ld\n"]);
+        assert_eq!(out, b"you said: hello!\nyou said: world!\n");
+        assert!(!too_long);
+        assert_eq!(held, 3, "`wor` waited for its end");
+    }
+
+    #[test]
+    fn framer_refuses_a_line_while_it_is_still_arriving() {
+        let rules = Rules {
+            mode: Mode::Raw,
+            max_line: 4,
+            max_output: usize::MAX,
+        };
+        let mut framer = Framer::default();
+        let mut out = BytesMut::new();
+        assert_eq!(framer.push(b"ok\nabc", rules, &mut out).lines, 1);
+        assert_eq!(framer.push(b"de", rules, &mut out).stop, Stop::TooLong);
+        assert_eq!(&out[..], b"ok\n");
+        assert_eq!(framer.capacity(), 0, "the refused line is dropped");
+    }
+
+    #[test]
+    fn framer_finish_answers_the_unterminated_tail() {
+        let mut framer = Framer::default();
+        let mut out = BytesMut::new();
+        let rules = Rules {
+            mode: Mode::Prefix,
+            max_line: 8,
+            max_output: usize::MAX,
+        };
+        let _ = framer.push(b"a\nb\r", rules, &mut out);
+        assert_eq!(framer.finish(Mode::Prefix, &mut out), 1);
+        assert_eq!(&out[..], b"you said: a!\nyou said: b!\n");
+        assert_eq!(framer.finish(Mode::Prefix, &mut out), 0);
+    }
+
     proptest! {
         #[test]
-        fn any_split_gives_the_same_replies(
+        fn framer_over_any_split_equals_the_model(
             input in input_strategy(),
             cuts in proptest::collection::vec(any::<usize>(), 0..20),
-            max_line in 0usize..12,
-            raw in any::<bool>(),
+            rules in rules_strategy(),
         ) {
-            let mode = if raw { Mode::Raw } else { Mode::Prefix };
-            let whole = feed(mode, max_line, &[&input]);
-            let split = feed(mode, max_line, &split_at_all(&input, &cuts));
-            prop_assert_eq!(&whole.0, &split.0);
-            prop_assert_eq!(whole.1, split.1);
-            // max-line is enforced for every split: the kept tail never
-            // exceeds max_line + 1 bytes.
-            prop_assert!(split.2 <= max_line + 1);
-        }
-
-        #[test]
-        fn byte_by_byte_equals_one_read(input in input_strategy(), max_line in 0usize..12) {
-            let bytes: Vec<&[u8]> = input.chunks(1).collect();
-            let (whole, whole_too_long, _) = feed(Mode::Prefix, max_line, &[&input]);
-            let (split, split_too_long, _) = feed(Mode::Prefix, max_line, &bytes);
-            prop_assert_eq!(whole, split);
-            prop_assert_eq!(whole_too_long, split_too_long);
-        }
-
-        #[test]
-        fn raw_mode_echoes_every_complete_line(input in input_strategy()) {
-            let (out, too_long, _) = feed(Mode::Raw, 1 << 20, &[&input]);
-            prop_assert!(!too_long);
-            let end = input.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
-            prop_assert_eq!(out, input[..end].to_vec());
-        }
-
-        #[test]
-        fn prefix_mode_answers_each_line(input in input_strategy()) {
-            let (out, _, _) = feed(Mode::Prefix, 1 << 20, &[&input]);
-            let mut expected = Vec::new();
-            let end = input.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
-            for line in input[..end].split_inclusive(|&b| b == b'\n') {
-                expected.extend_from_slice(PREFIX);
-                expected.extend_from_slice(content(line));
-                expected.extend_from_slice(SUFFIX);
-            }
+            let (expected, expected_too_long) = model(rules.mode, rules.max_line, &input);
+            let (out, too_long, held) = run_framer(rules, &split_at_all(&input, &cuts));
             prop_assert_eq!(out, expected);
+            prop_assert_eq!(too_long, expected_too_long);
+            // max-line holds for every split: between reads the framer
+            // keeps at most one unfinished line of max_line + 1 bytes.
+            prop_assert!(held <= rules.max_line + 1);
+        }
+
+        #[test]
+        fn framer_byte_by_byte_equals_the_model(input in input_strategy(), rules in rules_strategy()) {
+            let bytes: Vec<&[u8]> = input.chunks(1).collect();
+            let (expected, expected_too_long) = model(rules.mode, rules.max_line, &input);
+            let (out, too_long, _) = run_framer(rules, &bytes);
+            prop_assert_eq!(out, expected);
+            prop_assert_eq!(too_long, expected_too_long);
         }
     }
 }
