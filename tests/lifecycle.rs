@@ -9,6 +9,8 @@ mod common;
 use common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -138,6 +140,8 @@ fn a_firehose_does_not_starve_a_ping_pong_client() {
         let _ = hose_w.shutdown(std::net::Shutdown::Write);
     });
     let mut hose_r = hose;
+    let received = Arc::new(AtomicU64::new(0));
+    let counted = received.clone();
     let reader = thread::spawn(move || {
         let mut buf = vec![0u8; 256 * 1024];
         let mut total = 0u64;
@@ -146,10 +150,17 @@ fn a_firehose_does_not_starve_a_ping_pong_client() {
                 break;
             }
             total += n as u64;
+            counted.store(total, Ordering::Relaxed);
         }
         total
     });
-    thread::sleep(Duration::from_millis(300));
+    // The firehose is flowing (1 MiB of replies back) before the
+    // ping-pong client starts.
+    let flowing = Instant::now() + Duration::from_secs(10);
+    while received.load(Ordering::Relaxed) < 1 << 20 {
+        assert!(Instant::now() < flowing, "the firehose never got going");
+        thread::sleep(Duration::from_millis(5));
+    }
     let mut pp = server.connect();
     let mut worst = Duration::ZERO;
     for i in 0..200 {
