@@ -22,7 +22,7 @@
 //! # One switch
 //! `Conn::drive` is the machine (memcached's `drive_machine`): a loop around
 //! one `match` on the state. Each arm does one step with helpers that return
-//! named outcomes ([`Read`], [`Framed`](crate::line::Framed), [`Wrote`]) and
+//! named outcomes (`Read`, [`Framed`](crate::line::Framed), `Wrote`) and
 //! says where to go next; only the arms change the state, through
 //! `Conn::set_state`, which logs each real change at `trace`.
 //!
