@@ -441,29 +441,14 @@ impl Conn {
                     Step::Done(Next::Close(CloseReason::Shutdown))
                 }
                 State::ProxyHeader { ref mut head, .. } => match reader.read(io, reader.fin) {
-                    Read::Data(data) => {
-                        head.extend_from_slice(data);
-                        match proxy::parse(head) {
-                            proxy::Parsed::Incomplete => Step::Stay,
-                            proxy::Parsed::Invalid(why) => {
-                                debug!("{}: invalid PROXY header: {why}", self.peer);
-                                Step::Done(Next::Close(CloseReason::Error))
-                            }
-                            proxy::Parsed::Done { len, source } => {
-                                match source {
-                                    Some(client) => {
-                                        debug!("{}: PROXY header names client {client}", self.peer);
-                                        self.peer = client;
-                                    }
-                                    None => {
-                                        debug!("{}: PROXY health check (LOCAL/UNKNOWN)", self.peer)
-                                    }
-                                }
-                                reader.unread(head.len() - len);
-                                Step::Go(State::Open { fin: false })
-                            }
+                    Read::Data(data) => match take_header(head, data, &mut self.peer) {
+                        Header::Incomplete => Step::Stay,
+                        Header::Invalid => Step::Done(Next::Close(CloseReason::Error)),
+                        Header::Done { rest } => {
+                            reader.unread(rest);
+                            Step::Go(State::Open { fin: false })
                         }
-                    }
+                    },
                     Read::Dry => Step::Done(Next::Keep),
                     Read::Later => Step::Done(Next::Again),
                     Read::Eof => {
@@ -534,14 +519,18 @@ impl Conn {
                         self.framer.clear();
                         Step::Go(closing(CloseReason::Shutdown))
                     }
-                    Read::Dry => match write_out(io, &mut self.out, cx.tally, self.peer) {
-                        Wrote::Failed(reason) => Step::Done(Next::Close(reason)),
-                        Wrote::All | Wrote::Blocked => Step::Done(Next::Keep),
-                    },
-                    Read::Later => match write_out(io, &mut self.out, cx.tally, self.peer) {
-                        Wrote::Failed(reason) => Step::Done(Next::Close(reason)),
-                        Wrote::All | Wrote::Blocked => Step::Done(Next::Again),
-                    },
+                    // The reads are done: all their replies leave in one go.
+                    read @ (Read::Dry | Read::Later) => {
+                        let next = if matches!(read, Read::Later) {
+                            Next::Again
+                        } else {
+                            Next::Keep
+                        };
+                        match write_out(io, &mut self.out, cx.tally, self.peer) {
+                            Wrote::Failed(reason) => Step::Done(Next::Close(reason)),
+                            Wrote::All | Wrote::Blocked => Step::Done(next),
+                        }
+                    }
                 },
 
                 // Paused: write; below half, answer the lines that waited.
@@ -660,7 +649,42 @@ fn closing(reason: CloseReason) -> State {
     }
 }
 
-// ----- the helpers the arms call: one syscall pattern each, named outcomes ----
+// ----- the helpers the arms call: each does one thing, with a named outcome ----
+
+/// The outcome of [`take_header`].
+enum Header {
+    /// More bytes are needed.
+    Incomplete,
+    /// Not a PROXY header.
+    Invalid,
+    /// Parsed; the last `rest` bytes read are the client's first input.
+    Done { rest: usize },
+}
+
+/// Collects PROXY header bytes (headers may arrive split over any number
+/// of reads) and, once parsed, names the real client in `peer`.
+fn take_header(head: &mut BytesMut, data: &[u8], peer: &mut SocketAddr) -> Header {
+    head.extend_from_slice(data);
+    match proxy::parse(head) {
+        proxy::Parsed::Incomplete => Header::Incomplete,
+        proxy::Parsed::Invalid(why) => {
+            debug!("{peer}: invalid PROXY header: {why}");
+            Header::Invalid
+        }
+        proxy::Parsed::Done { len, source } => {
+            match source {
+                Some(client) => {
+                    debug!("{peer}: PROXY header names client {client}");
+                    *peer = client;
+                }
+                None => debug!("{peer}: PROXY health check (LOCAL/UNKNOWN)"),
+            }
+            Header::Done {
+                rest: head.len() - len,
+            }
+        }
+    }
+}
 
 /// The reading side of one turn: the loop's read buffer, how much this turn
 /// may still read, and what the last read proved.
