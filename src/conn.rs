@@ -314,7 +314,7 @@ impl Conn {
                 State::Lingering { reason, .. } => reason,
                 State::ProxyHeader => {
                     debug!("{}: no complete PROXY header in time", self.peer);
-                    CloseReason::Error
+                    CloseReason::Proxy
                 }
                 _ => {
                     debug!("{}: idle for {:?}", self.peer, now - self.last_line);
@@ -449,7 +449,7 @@ impl Conn {
             proxy::Parsed::Incomplete => Next::Keep,
             proxy::Parsed::Invalid(why) => {
                 debug!("{}: invalid PROXY header: {why}", self.peer);
-                Next::Close(CloseReason::Error)
+                Next::Close(CloseReason::Proxy)
             }
             proxy::Parsed::Done { len, source } => {
                 match source {
@@ -549,7 +549,7 @@ impl Conn {
             }
             State::ProxyHeader => {
                 debug!("{}: EOF before a PROXY header", self.peer);
-                Next::Close(CloseReason::Error)
+                Next::Close(CloseReason::Proxy)
             }
             _ => Next::Close(CloseReason::Eof),
         }

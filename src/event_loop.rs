@@ -26,7 +26,7 @@
 use crate::config::{Config, MAX_LINGERING_BUSY, MAX_METRICS_CONNS};
 use crate::conn::{CloseReason, Conn, Cx, Hints, Next, Scratch, Tally, Want};
 use crate::listener::{self, Accepted};
-use crate::metrics::Counters;
+use crate::metrics::{self, Counters};
 use crate::timer::Timer;
 use bytes::BytesMut;
 use log::{debug, error, info, warn};
@@ -437,6 +437,9 @@ impl EventLoop {
             Role::Client => {
                 self.counters.closed(reason);
                 self.live.fetch_sub(1, Ordering::Relaxed);
+                if reason == CloseReason::Proxy {
+                    metrics::proxy_rejected(Instant::now());
+                }
             }
             Role::Busy => {
                 self.counters.closed(CloseReason::Busy);
