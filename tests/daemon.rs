@@ -25,7 +25,7 @@ fn over_the_cap_a_client_is_told_busy_and_room_frees_up() {
     let _ = eager.write_all(b"hello\nhello\n");
     assert_eq!(read_to_eof(&mut eager), b"error: server busy\n");
     drop(held.pop());
-    let mut retry = Instant::now();
+    let start = Instant::now();
     loop {
         let mut c = server.connect();
         c.write_all(b"again\n").unwrap();
@@ -35,9 +35,8 @@ fn over_the_cap_a_client_is_told_busy_and_room_frees_up() {
             break;
         }
         assert_eq!(&buf[..n], b"error: server busy\n");
-        assert!(retry.elapsed() < Duration::from_secs(5), "room never freed");
+        assert!(start.elapsed() < Duration::from_secs(5), "room never freed");
         thread::sleep(Duration::from_millis(20));
-        retry = retry.max(Instant::now() - retry.elapsed());
     }
 }
 
@@ -46,8 +45,12 @@ fn over_the_cap_a_client_is_told_busy_and_room_frees_up() {
 #[test]
 fn out_of_descriptors_pauses_accepting_without_spinning() {
     raise_nofile();
-    // 64 descriptors, no cap below that: accept runs into EMFILE.
-    let server = Server::start_with_nofile(&["--max-connections", "1000"], 64);
+    // The cap is set for 1000 descriptors, then the limit is lowered to 64
+    // under the running server (as `prlimit --pid` would): accept runs into
+    // EMFILE before the cap is reached. (Asked for at start, such a cap
+    // would be lowered to fit the limit.)
+    let server = Server::start_with_nofile(&["--max-connections", "900"], 1000);
+    lower_nofile_of(server.pid(), 64);
     let mut flood: Vec<TcpStream> = Vec::new();
     for _ in 0..150 {
         flood.push(
