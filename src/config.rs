@@ -306,9 +306,11 @@ pub fn log_filter(
         .level(log::Level::Error)
         .target("echoloop")
         .build();
-    let names_us = spec
-        .split(['=', ',', '/'])
-        .any(|part| part.trim().starts_with("echoloop"));
+    // The directives are before any `/regex`; each is `module[=level]`.
+    let directives = spec.split('/').next().unwrap_or("");
+    let names_us = directives
+        .split(',')
+        .any(|d| d.trim().starts_with("echoloop"));
     if filter.enabled(&ours) || filter.filter() == LevelFilter::Off || names_us {
         return (spec.to_owned(), None);
     }
@@ -498,7 +500,13 @@ mod tests {
 
     #[test]
     fn a_rust_log_that_would_hide_everything_is_ignored_with_a_warning() {
-        for spec in ["bogus", "mio=debug", "echoloop=loud", "a/b/c"] {
+        for spec in [
+            "bogus",
+            "mio=debug",
+            "echoloop=loud",
+            "a/b/c",
+            "bogus/echoloop",
+        ] {
             let (filter, warning) = log_filter(None, Some(spec));
             assert_eq!(filter, "info", "{spec}");
             let warning = warning.unwrap_or_else(|| panic!("no warning for {spec}"));
