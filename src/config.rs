@@ -5,9 +5,17 @@
 //! them behind an `Arc` and never written after start-up. Sizes are written
 //! `65536`, `64KiB` or `1MiB`; durations `250ms`, `10s`, `2m`, and `0`
 //! switches a timeout off where the option says so.
+//!
+//! Values that parse but cannot work are judged here too, once the
+//! descriptor limit is known ([`Config::from_cli`]): too many loops for the
+//! limit is refused, a connection cap above what the limit allows is
+//! lowered with a warning. [`log_filter`] decides between `--log-level` and
+//! `RUST_LOG`.
 
 use crate::line::Mode;
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
+use log::LevelFilter;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -37,8 +45,9 @@ pub struct Cli {
     pub max_pending_output: usize,
 
     /// Live connections per process before new ones get `error: server busy`
-    /// [default: the open-file limit minus what the process needs itself, 59 with one loop].
-    #[arg(long, value_name = "N")]
+    /// [default: the open-file limit minus the descriptors the server keeps
+    /// for itself (59 with one loop and one listener)].
+    #[arg(long, value_name = "N", value_parser = parse_cap)]
     pub max_connections: Option<usize>,
 
     /// Event loops, each on its own thread and SO_REUSEPORT listener (`0` = one per core).
@@ -61,9 +70,39 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_positive_duration)]
     pub proxy_header_timeout: Duration,
 
-    /// Log level: error, warn, info, debug, trace [default: $RUST_LOG, else info].
-    #[arg(long, value_name = "LEVEL")]
-    pub log_level: Option<log::LevelFilter>,
+    /// Log level [default: $RUST_LOG, else info].
+    #[arg(long, value_name = "LEVEL", value_parser = level_parser())]
+    pub log_level: Option<LevelFilter>,
+
+    /// Whether `--listen` was given on the command line (not defaulted):
+    /// under socket activation it is ignored, and that deserves a warning.
+    #[arg(skip)]
+    pub listen_given: bool,
+}
+
+/// The words `--log-level` and `RUST_LOG` accept as a level.
+pub const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// `--log-level`: one of [`LEVELS`], which clap lists in `--help` and in
+/// the error for any other word.
+fn level_parser() -> impl clap::builder::TypedValueParser<Value = LevelFilter> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(LEVELS).map(|level| {
+        level
+            .parse::<LevelFilter>()
+            .expect("every listed level parses")
+    })
+}
+
+impl Cli {
+    /// Parses the process's arguments; on bad ones prints clap's message
+    /// and exits with status 2.
+    pub fn from_args() -> Cli {
+        let matches = Cli::command().get_matches();
+        let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        cli.listen_given = matches.value_source("listen") == Some(ValueSource::CommandLine);
+        cli
+    }
 }
 
 /// What the event loops need to know, derived from [`Cli`] once at start.
@@ -118,31 +157,70 @@ pub const MAX_METRICS_CONNS: usize = 8;
 /// Descriptors kept free so that a busy reply can still be accepted (Redis
 /// reserves 32).
 pub const FD_RESERVE: usize = 32;
+/// Descriptors of the process outside any loop: stdin, stdout, stderr, the
+/// signal pipe and the main thread's poll and waker, with room to spare,
+/// plus [`FD_RESERVE`].
+pub const FIXED_DESCRIPTORS: usize = FD_RESERVE + 8;
+/// The most event loops `--threads` accepts; more than there are CPUs only
+/// take turns, and machines with more than this many CPUs are rare.
+pub const MAX_THREADS: usize = 1024;
 
 impl Config {
-    /// Derives the loop configuration; `fd_limit` is the effective
-    /// `RLIMIT_NOFILE`, used for the default connection cap.
-    pub fn from_cli(cli: &Cli, fd_limit: u64) -> Config {
+    /// Derives the loop configuration from the command line, the effective
+    /// `RLIMIT_NOFILE` and the number of CPUs (for `--threads 0`).
+    ///
+    /// Refuses (`Err`, a message saying what would be accepted) more loops
+    /// than the descriptor limit can hold, or than [`MAX_THREADS`]; more
+    /// loops than CPUs is allowed with a warning (tests run two loops on
+    /// one core). A
+    /// `--max-connections` above what the limit allows is lowered to it,
+    /// with a warning: the cap and the limit are often set in different
+    /// places (a unit's `LimitNOFILE=`, a container's ulimit), and a server
+    /// that serves what it really can, saying so, is better than one that
+    /// does not start, or one that promises connections it would meet with
+    /// `EMFILE` instead of `error: server busy`. Redis does the same.
+    pub fn from_cli(cli: &Cli, fd_limit: u64, cpus: usize) -> Result<Derived, String> {
         let threads = match cli.threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => cpus.max(1),
             n => n,
         };
-        // Per loop: its listeners, its poll and its waker; then stdio, the
-        // signal pipe and the reserve for busy replies.
-        let per_loop = cli.listen.len()
-            + usize::from(cli.metrics.is_some())
-            + 2
-            + MAX_LINGERING_BUSY
-            + MAX_METRICS_CONNS;
-        let fixed = threads * per_loop + FD_RESERVE + 8;
-        let derived = (fd_limit as usize).saturating_sub(fixed).max(1);
-        Config {
+        let fd_limit = usize::try_from(fd_limit).unwrap_or(usize::MAX);
+        let per_loop = descriptors_per_loop(cli);
+        let allowed = (fd_limit.saturating_sub(FIXED_DESCRIPTORS + 1) / per_loop).min(MAX_THREADS);
+        if threads > allowed {
+            return Err(format!(
+                "--threads {threads}: at most {allowed} loop(s) here: each needs {per_loop} \
+                 descriptors of the open-file limit of {fd_limit}, and {MAX_THREADS} is the \
+                 ceiling (raise the limit with `ulimit -n`, or LimitNOFILE= under systemd; \
+                 --threads 0 runs one loop per CPU, {cpus} here)"
+            ));
+        }
+        let room = fd_limit - threads * per_loop - FIXED_DESCRIPTORS;
+        let mut warnings = Vec::new();
+        let max_connections = match cli.max_connections {
+            None => room,
+            Some(asked) if asked > room => {
+                warnings.push(format!(
+                    "--max-connections {asked} is more than the open-file limit of \
+                     {fd_limit} allows with {threads} loop(s): serving at most {room} \
+                     (raise the limit with `ulimit -n`, or LimitNOFILE= under systemd)"
+                ));
+                room
+            }
+            Some(asked) => asked,
+        };
+        if threads > cpus {
+            warnings.push(format!(
+                "{threads} loops on {cpus} CPU(s): loops beyond one per CPU only take turns"
+            ));
+        }
+        let config = Config {
             mode: if cli.raw { Mode::Raw } else { Mode::Prefix },
             threads,
             max_line: cli.max_line,
             idle_timeout: (!cli.idle_timeout.is_zero()).then_some(cli.idle_timeout),
             max_pending_output: cli.max_pending_output.max(1),
-            max_connections: cli.max_connections.unwrap_or(derived),
+            max_connections,
             shutdown_timeout: cli.shutdown_timeout,
             read_budget: READ_BUDGET,
             linger_time: LINGER_TIME,
@@ -150,7 +228,8 @@ impl Config {
             shutdown_read_limit: SHUTDOWN_READ_LIMIT,
             proxy_header_timeout: cli.proxy_protocol.then_some(cli.proxy_header_timeout),
             request_timeout: REQUEST_TIMEOUT,
-        }
+        };
+        Ok(Derived { config, warnings })
     }
 
     /// The timer wheel's unit: 1/50 of the idle timeout, between 1 ms and
@@ -166,8 +245,82 @@ impl Config {
 impl Default for Config {
     fn default() -> Self {
         let cli = Cli::parse_from(["echoloop"]);
-        Config::from_cli(&cli, 1024)
+        Config::from_cli(&cli, 1024, 1)
+            .expect("the defaults fit 1024 descriptors")
+            .config
     }
+}
+
+/// A [`Config`] and what the operator should be told about how it was
+/// derived (logged as warnings once the logger runs).
+#[derive(Debug, Clone)]
+pub struct Derived {
+    /// What the loops run with.
+    pub config: Config,
+    /// Values that were adjusted, or are legal but unwise.
+    pub warnings: Vec<String>,
+}
+
+/// Descriptors each loop holds besides its connections: its listeners
+/// (echo and metrics), its poll and its waker, and room for the busy
+/// clients and metrics scrapes it serves at once.
+fn descriptors_per_loop(cli: &Cli) -> usize {
+    cli.listen.len()
+        + usize::from(cli.metrics.is_some())
+        + 2
+        + MAX_LINGERING_BUSY
+        + MAX_METRICS_CONNS
+}
+
+/// The filter spec for the logger, from `--log-level` (which wins) or
+/// `RUST_LOG`, else `info`; and a warning when `RUST_LOG` was ignored.
+///
+/// `RUST_LOG` is ignored when it does not parse, or when it would let no
+/// echoloop line through without saying so: `RUST_LOG=bogus` reads as
+/// "only the module `bogus`, at every level", which silences the server.
+/// `off`, or a spec naming `echoloop`, is taken as meant.
+pub fn log_filter(
+    log_level: Option<LevelFilter>,
+    rust_log: Option<&str>,
+) -> (String, Option<String>) {
+    let fallback = "info".to_owned();
+    if let Some(level) = log_level {
+        return (level.to_string().to_ascii_lowercase(), None);
+    }
+    let Some(spec) = rust_log.map(str::trim).filter(|s| !s.is_empty()) else {
+        return (fallback, None);
+    };
+    let levels = LEVELS.join(", ");
+    let mut builder = env_filter::Builder::new();
+    if let Err(e) = builder.try_parse(spec) {
+        return (
+            fallback,
+            Some(format!(
+                "ignoring RUST_LOG={spec}: {e} (a level is one of {levels}, e.g. RUST_LOG=debug \
+                 or RUST_LOG=echoloop=debug); logging at info"
+            )),
+        );
+    }
+    let filter = builder.build();
+    let ours = log::Metadata::builder()
+        .level(log::Level::Error)
+        .target("echoloop")
+        .build();
+    // The directives are before any `/regex`; each is `module[=level]`.
+    let directives = spec.split('/').next().unwrap_or("");
+    let names_us = directives
+        .split(',')
+        .any(|d| d.trim().starts_with("echoloop"));
+    if filter.enabled(&ours) || filter.filter() == LevelFilter::Off || names_us {
+        return (spec.to_owned(), None);
+    }
+    (
+        fallback,
+        Some(format!(
+            "ignoring RUST_LOG={spec}: it is no level ({levels}) and names no echoloop \
+             module, so it would hide every line; logging at info"
+        )),
+    )
 }
 
 /// Parses a byte size: `65536`, `64KiB`, `1MiB`, `1GiB` (also `K`, `KB`…
@@ -188,6 +341,21 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("size `{s}` is too large"))
+}
+
+/// Parses `--max-connections`: a count of at least 1.
+pub fn parse_cap(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err(
+            "0 would turn every client away: give at least 1 (or leave the option out \
+                      for the default, derived from the open-file limit)"
+                .to_owned(),
+        ),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!(
+            "`{s}` is not a connection count (a whole number, at least 1)"
+        )),
+    }
 }
 
 /// Parses a duration: `250ms`, `10s`, `2m`, or a bare `0`.
@@ -240,5 +408,113 @@ mod tests {
         assert_eq!(c.max_pending_output, 256 * 1024);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(5));
         assert_eq!(c.timer_tick(), Duration::from_millis(200));
+    }
+
+    fn derive(args: &[&str], fd_limit: u64, cpus: usize) -> Result<Derived, String> {
+        let mut argv = vec!["echoloop"];
+        argv.extend_from_slice(args);
+        Config::from_cli(&Cli::parse_from(argv), fd_limit, cpus)
+    }
+
+    #[test]
+    fn the_default_cap_is_the_limit_minus_what_the_server_keeps() {
+        let d = derive(&[], 20_000, 2).unwrap();
+        assert_eq!(d.config.max_connections, 20_000 - 59);
+        assert!(d.warnings.is_empty());
+        let d = derive(&["--metrics", "127.0.0.1:0", "--threads", "2"], 20_000, 2).unwrap();
+        assert_eq!(d.config.max_connections, 20_000 - 2 * 20 - 40);
+    }
+
+    #[test]
+    fn a_cap_above_the_limit_is_lowered_with_a_warning() {
+        let d = derive(&["--max-connections", "100000"], 20_000, 2).unwrap();
+        assert_eq!(d.config.max_connections, 19_941);
+        assert_eq!(d.warnings.len(), 1);
+        assert!(d.warnings[0].contains("100000"), "{:?}", d.warnings);
+        assert!(d.warnings[0].contains("19941"), "{:?}", d.warnings);
+        let d = derive(&["--max-connections", "19941"], 20_000, 2).unwrap();
+        assert_eq!(d.config.max_connections, 19_941);
+        assert!(d.warnings.is_empty());
+    }
+
+    #[test]
+    fn too_many_loops_are_refused_saying_how_many_fit() {
+        // (100 - 41) / 19 = 3 loops fit in 100 descriptors.
+        assert!(derive(&["--threads", "3"], 100, 4).is_ok());
+        let err = derive(&["--threads", "4"], 100, 4).unwrap_err();
+        assert!(err.contains("at most 3 loop(s)"), "{err}");
+        let err = derive(&["--threads", "100000"], 1 << 30, 4).unwrap_err();
+        assert!(err.contains("at most 1024 loop(s)"), "{err}");
+        assert!(derive(&["--threads", "0"], 100, 64).is_err());
+        assert_eq!(
+            derive(&["--threads", "0"], 100, 2).unwrap().config.threads,
+            2
+        );
+    }
+
+    #[test]
+    fn more_loops_than_cpus_is_a_warning() {
+        let d = derive(&["--threads", "2"], 20_000, 1).unwrap();
+        assert_eq!(d.config.threads, 2);
+        assert!(
+            d.warnings[0].contains("2 loops on 1 CPU"),
+            "{:?}",
+            d.warnings
+        );
+    }
+
+    #[test]
+    fn a_cap_of_zero_is_refused() {
+        assert!(parse_cap("0").unwrap_err().contains("at least 1"));
+        assert!(parse_cap("many").is_err());
+        assert_eq!(parse_cap("3"), Ok(3));
+    }
+
+    #[test]
+    fn log_level_wins_over_rust_log() {
+        assert_eq!(
+            log_filter(Some(LevelFilter::Debug), Some("bogus")),
+            ("debug".to_owned(), None)
+        );
+        assert_eq!(log_filter(None, None), ("info".to_owned(), None));
+        assert_eq!(log_filter(None, Some(" ")), ("info".to_owned(), None));
+    }
+
+    #[test]
+    fn rust_log_is_taken_when_it_lets_echoloop_speak_or_says_off() {
+        for spec in [
+            "debug",
+            "warn,mio=trace",
+            "echoloop=debug",
+            "echoloop::conn=trace",
+            "off",
+            "echoloop=off",
+        ] {
+            assert_eq!(
+                log_filter(None, Some(spec)),
+                (spec.to_owned(), None),
+                "{spec}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_rust_log_that_would_hide_everything_is_ignored_with_a_warning() {
+        for spec in [
+            "bogus",
+            "mio=debug",
+            "echoloop=loud",
+            "a/b/c",
+            "bogus/echoloop",
+        ] {
+            let (filter, warning) = log_filter(None, Some(spec));
+            assert_eq!(filter, "info", "{spec}");
+            let warning = warning.unwrap_or_else(|| panic!("no warning for {spec}"));
+            assert!(warning.contains(&format!("RUST_LOG={spec}")), "{warning}");
+            assert!(
+                warning.contains("off, error, warn, info, debug, trace"),
+                "{warning}"
+            );
+        }
     }
 }

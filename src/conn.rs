@@ -362,7 +362,7 @@ impl Conn {
                 State::Lingering { reason, .. } => reason,
                 State::ProxyHeader { .. } => {
                     debug!("{}: no complete PROXY header in time", self.peer);
-                    CloseReason::Error
+                    CloseReason::Proxy
                 }
                 _ => {
                     debug!("{}: idle for {:?}", self.peer, now - self.last_line);
@@ -443,7 +443,7 @@ impl Conn {
                 State::ProxyHeader { ref mut head, .. } => match reader.read(io, reader.fin) {
                     Read::Data(data) => match take_header(head, data, &mut self.peer) {
                         Header::Incomplete => Step::Stay,
-                        Header::Invalid => Step::Done(Next::Close(CloseReason::Error)),
+                        Header::Invalid => Step::Done(Next::Close(CloseReason::Proxy)),
                         Header::Done { rest } => {
                             reader.unread(rest);
                             Step::Go(State::Open { fin: false })
@@ -453,7 +453,7 @@ impl Conn {
                     Read::Later => Step::Done(Next::Again),
                     Read::Eof => {
                         debug!("{}: EOF before a PROXY header", self.peer);
-                        Step::Done(Next::Close(CloseReason::Error))
+                        Step::Done(Next::Close(CloseReason::Proxy))
                     }
                     Read::Failed(reason) => Step::Done(Next::Close(reason)),
                 },
@@ -1127,7 +1127,7 @@ mod tests {
         let mut h = Harness::with(proxy_config());
         let mut conn = conn_proxy_header(&h);
         let mut io = Script::new().data(b"GET / HTTP/1.1\r\n\r\n");
-        assert_eq!(h.io(&mut conn, &mut io), Next::Close(CloseReason::Error));
+        assert_eq!(h.io(&mut conn, &mut io), Next::Close(CloseReason::Proxy));
         assert!(
             io.written.is_empty(),
             "nothing is answered before the header"
@@ -1140,10 +1140,10 @@ mod tests {
         let mut conn = conn_proxy_header(&h);
         assert_eq!(conn.deadline(&h.cfg), Some(h.now + Duration::from_secs(5)));
         h.advance(Duration::from_secs(5));
-        assert_eq!(h.timeout(&mut conn), Next::Close(CloseReason::Error));
+        assert_eq!(h.timeout(&mut conn), Next::Close(CloseReason::Proxy));
         let mut conn = conn_proxy_header(&h);
         let mut io = Script::new().data(b"PROXY TCP4").eof();
-        assert_eq!(h.io(&mut conn, &mut io), Next::Close(CloseReason::Error));
+        assert_eq!(h.io(&mut conn, &mut io), Next::Close(CloseReason::Proxy));
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::admission::{self, Counts, Decision, Kind, Limits, Service};
 use crate::config::{Config, MAX_LINGERING_BUSY, MAX_METRICS_CONNS};
 use crate::conn::{BUSY_REPLY, CloseReason, Conn, Cx, Hints, Next, Scratch, Tally, Want};
 use crate::listener::{self, Accepted};
-use crate::metrics::Counters;
+use crate::metrics::{self, Counters};
 use crate::timer::Timer;
 use bytes::BytesMut;
 use log::{debug, error, info, warn};
@@ -220,6 +220,9 @@ impl Counting {
             Kind::Client => {
                 self.mine.closed(reason);
                 self.live.fetch_sub(1, Ordering::Relaxed);
+                if reason == CloseReason::Proxy {
+                    metrics::proxy_rejected(Instant::now());
+                }
             }
             Kind::Busy => {
                 self.mine.closed(CloseReason::Busy);

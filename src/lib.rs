@@ -72,7 +72,7 @@
 //!
 //! | state | reads | writes | leaves when |
 //! |---|---|---|---|
-//! | `ProxyHeader` | the header only | — | header parsed → `Open` (bytes after it are lines); invalid, EOF or `--proxy-header-timeout` → close (`error`) |
+//! | `ProxyHeader` | the header only | — | header parsed → `Open` (bytes after it are lines); invalid, EOF or `--proxy-header-timeout` → close (`proxy`) |
 //! | `Request` | an HTTP head | — | complete → the `/metrics` page (or 404/400) queued, `Flushing` |
 //! | `Open` | yes, per budget | replies | EOF → `Flushing` (then close); too long → `Flushing` (then linger); backlog full → `Paused` |
 //! | `Paused` | no | backlog | backlog < half → `Open` (buffered lines answered at once), or `Flushing` when shutting down |

@@ -7,7 +7,8 @@
 //! `0.0.0.0:1234` can both be listed, non-blocking and close-on-exec.
 //!
 //! Under systemd, [`inherited`] takes the listening sockets it passed
-//! instead (socket activation).
+//! instead (socket activation). [`raise_fd_limit`] lifts the open-file
+//! limit as far as the hard limit allows.
 //!
 //! [`accept`] turns `io::Result` into an [`Accepted`] right at the call, so
 //! the loop decides what to do from a name, not from an errno three frames
@@ -128,25 +129,7 @@ pub fn inherited() -> io::Result<Vec<std::net::TcpListener>> {
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns the
 /// effective soft limit (SPEC §3: logged at start).
 pub fn raise_fd_limit() -> io::Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if lim.rlim_cur < lim.rlim_max {
-        let raised = libc::rlimit {
-            rlim_cur: lim.rlim_max,
-            rlim_max: lim.rlim_max,
-        };
-        // SAFETY: as above.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            lim = raised;
-        }
-    }
-    Ok(lim.rlim_cur)
+    rlimit::increase_nofile_limit(u64::MAX)
 }
 
 #[cfg(test)]

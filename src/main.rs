@@ -1,16 +1,20 @@
 //! The `echoloop` binary: command line to running loops, and exit status.
 //!
 //! Start-up order: parse (exit 2 on bad arguments, clap's convention), set
-//! up logging, raise `RLIMIT_NOFILE`, take the listeners systemd passed or
-//! bind every listener of every loop (exit 1 naming the address on
-//! failure), print `Echoing on ADDR` per address, start one thread per
-//! loop, tell systemd `READY=1`, then wait for signals. The first
-//! SIGINT/SIGTERM tells systemd `STOPPING=1` and asks every loop to shut
-//! down gracefully (exit 0 when they are done); a second one exits at once
-//! with status 1.
+//! up logging, raise `RLIMIT_NOFILE`, judge the values against it (exit 2
+//! for too many loops), take the listeners systemd passed or bind every
+//! listener of every loop, print `Echoing on ADDR` per address, start one
+//! thread per loop, tell systemd `READY=1`, then wait for signals. The
+//! first SIGINT/SIGTERM tells systemd `STOPPING=1` and asks every loop to
+//! shut down gracefully (exit 0 when they are done); a second one exits at
+//! once with status 1.
+//!
+//! A failure to start is one `echoloop: ...` line on stderr naming what
+//! failed (the listen address, the metrics address, the systemd sockets),
+//! and exit status 1.
 
-use clap::Parser;
-use echoloop::config::{Cli, Config};
+use clap::CommandFactory;
+use echoloop::config::{self, Cli, Config};
 use echoloop::event_loop::{EventLoop, Shared, ShutdownHandle};
 use echoloop::listener;
 use echoloop::metrics::Counters;
@@ -30,29 +34,36 @@ const SIGNALS: Token = Token(0);
 const LOOP_EXITED: Token = Token(1);
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::from_args();
     init_logging(&cli);
     match run(&cli) {
         Ok(code) => code,
         Err(msg) => {
-            error!("{msg}");
+            // Not through the logger: a failure to start must be seen even
+            // with `--log-level off`, and only once.
             eprintln!("echoloop: {msg}");
             ExitCode::from(1)
         }
     }
 }
 
+/// Starts the logger with the level `--log-level` or `RUST_LOG` asks for,
+/// warning (through it) when `RUST_LOG` had to be ignored.
 fn init_logging(cli: &Cli) {
-    let mut builder =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
-    if let Some(level) = cli.log_level {
-        builder.filter_level(level);
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let (filter, warning) = config::log_filter(cli.log_level, rust_log.as_deref());
+    env_logger::Builder::new()
+        .parse_filters(&filter)
+        .target(env_logger::Target::Stderr)
+        .init();
+    if let Some(warning) = warning {
+        warn!("{warning}");
     }
-    builder.target(env_logger::Target::Stderr).init();
 }
 
 fn run(cli: &Cli) -> Result<ExitCode, String> {
-    let inherited = listener::inherited().map_err(|e| format!("systemd socket activation: {e}"))?;
+    let inherited = listener::inherited()
+        .map_err(|e| format!("cannot use the sockets systemd passed (LISTEN_FDS): {e}"))?;
     // SAFETY: still single-threaded (no loop, logger or signal thread has
     // started), so nothing reads the environment concurrently. Children of
     // ours must not think the sockets are theirs.
@@ -64,17 +75,28 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
     // Handlers first: a signal that comes once `Echoing on` is printed
     // must find them installed.
     let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("signals: {e}"))?;
-    let fd_limit = listener::raise_fd_limit().map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
-    let cfg = Arc::new(Config::from_cli(cli, fd_limit));
+    let fd_limit = listener::raise_fd_limit()
+        .map_err(|e| format!("cannot read or raise the open-file limit: {e}"))?;
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    let derived = Config::from_cli(cli, fd_limit, cpus).unwrap_or_else(|msg| {
+        Cli::command()
+            .error(clap::error::ErrorKind::ValueValidation, msg)
+            .exit()
+    });
+    derived.warnings.iter().for_each(|w| warn!("{w}"));
+    let cfg = Arc::new(derived.config);
     let threads = cfg.threads;
-    info!(
-        "open-file limit {fd_limit}, max connections {}, {threads} loop(s)",
-        cfg.max_connections
-    );
 
     let echo = if inherited.is_empty() {
-        bind_all(&cli.listen, threads)?
+        bind_all(&cli.listen, threads, "listen on")?
     } else {
+        if cli.listen_given {
+            let ignored: Vec<String> = cli.listen.iter().map(|a| format!("--listen {a}")).collect();
+            warn!(
+                "socket-activated: {} ignored, serving the socket(s) systemd passed",
+                ignored.join(" ")
+            );
+        }
         info!(
             "socket-activated: serving {} inherited listener(s)",
             inherited.len()
@@ -82,9 +104,13 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         share_all(inherited, threads)?
     };
     let metrics = match cli.metrics {
-        Some(addr) => Some(bind_all(&[addr], threads)?),
+        Some(addr) => Some(bind_all(&[addr], threads, "serve metrics on")?),
         None => None,
     };
+    info!(
+        "open-file limit {fd_limit}, max connections {}, {threads} loop(s)",
+        cfg.max_connections
+    );
     let echo_addrs = local_addrs(&echo[0])?;
     let metrics_addrs = match &metrics {
         Some(m) => local_addrs(&m[0])?,
@@ -172,14 +198,19 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
 
 /// Binds every address once per loop: `result[loop][address]`. With several
 /// loops each gets its own `SO_REUSEPORT` socket; port 0 is resolved by the
-/// first bind and reused by the others.
-fn bind_all(addrs: &[SocketAddr], threads: usize) -> Result<Vec<Vec<TcpListener>>, String> {
+/// first bind and reused by the others. `purpose` names the address in the
+/// error (`listen on`, `serve metrics on`).
+fn bind_all(
+    addrs: &[SocketAddr],
+    threads: usize,
+    purpose: &str,
+) -> Result<Vec<Vec<TcpListener>>, String> {
     let mut per_loop: Vec<Vec<TcpListener>> = (0..threads).map(|_| Vec::new()).collect();
     for requested in addrs {
         let mut addr = *requested;
         for listeners in per_loop.iter_mut() {
             let l = listener::bind(addr, threads > 1)
-                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+                .map_err(|e| format!("cannot {purpose} {addr}: {e}"))?;
             addr = l.local_addr().map_err(|e| format!("{requested}: {e}"))?;
             listeners.push(l);
         }

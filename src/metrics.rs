@@ -1,16 +1,18 @@
 //! Operational metrics: the counters each event loop keeps, the Prometheus
-//! text page that sums them over all loops, and the framing of the
-//! `GET /metrics` request that asks for it (SPEC §3, `--metrics`).
+//! text page that sums them over all loops, the framing of the
+//! `GET /metrics` request that asks for it (SPEC §3, `--metrics`), and the
+//! rate-limited warning about connections without a PROXY header.
 //!
-//! This module is pure: it never touches a socket. Each loop owns one
-//! [`Counters`] behind an `Arc` and is its only writer; whichever loop
-//! serves a metrics request reads every loop's counters with [`render`].
-//! A metrics connection feeds its input to [`parse_request`] until the
-//! answer is not [`Request::Incomplete`], writes [`response`], and closes.
+//! This module never touches a socket. Each loop owns one [`Counters`]
+//! behind an `Arc` and is its only writer; whichever loop serves a metrics
+//! request reads every loop's counters with [`render`]. A metrics
+//! connection feeds its input to [`parse_request`] until the answer is not
+//! [`Request::Incomplete`], writes [`response`], and closes.
 
 use std::fmt::{self, Write as _};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 // ---------------------------------------------------------------------------
 // Close reasons
@@ -32,25 +34,28 @@ pub enum CloseReason {
     Busy,
     /// Closed by SIGINT/SIGTERM after its pending replies were flushed.
     Shutdown,
-    /// Any other failure: an unexpected I/O error, a bad PROXY header, a
-    /// missed `--proxy-header-timeout`.
+    /// With `--proxy-protocol`: no valid PROXY header (an invalid one, EOF
+    /// before it, or none within `--proxy-header-timeout`).
+    Proxy,
+    /// Any other failure: an unexpected I/O error.
     Error,
 }
 
 impl CloseReason {
     /// Every reason, in the order the metrics page lists them.
-    pub const ALL: [CloseReason; 7] = [
+    pub const ALL: [CloseReason; 8] = [
         CloseReason::Eof,
         CloseReason::Idle,
         CloseReason::Reset,
         CloseReason::TooLong,
         CloseReason::Busy,
         CloseReason::Shutdown,
+        CloseReason::Proxy,
         CloseReason::Error,
     ];
 
     /// The metric label and log word: `eof`, `idle`, `reset`, `too_long`,
-    /// `busy`, `shutdown` or `error`.
+    /// `busy`, `shutdown`, `proxy` or `error`.
     pub fn as_str(self) -> &'static str {
         match self {
             CloseReason::Eof => "eof",
@@ -59,6 +64,7 @@ impl CloseReason {
             CloseReason::TooLong => "too_long",
             CloseReason::Busy => "busy",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Proxy => "proxy",
             CloseReason::Error => "error",
         }
     }
@@ -102,7 +108,7 @@ pub struct Counters {
     /// Connections accepted since start.
     accepted: AtomicU64,
     /// Connections closed since start, indexed by [`CloseReason::index`].
-    closed: [AtomicU64; 7],
+    closed: [AtomicU64; CloseReason::ALL.len()],
     /// Complete lines received (each one got a reply).
     lines: AtomicU64,
     /// Bytes read from clients.
@@ -165,7 +171,7 @@ pub struct Snapshot {
     /// Connections accepted.
     pub accepted: u64,
     /// Connections closed, in the order of [`CloseReason::ALL`].
-    pub closed: [u64; 7],
+    pub closed: [u64; CloseReason::ALL.len()],
     /// Complete lines received.
     pub lines: u64,
     /// Bytes read from clients.
@@ -201,6 +207,84 @@ pub fn sum(loops: &[Arc<Counters>]) -> Snapshot {
         total.add(&counters.snapshot());
     }
     total
+}
+
+// ---------------------------------------------------------------------------
+// Connections without a PROXY header: one warning per interval, with a count
+// ---------------------------------------------------------------------------
+
+/// The shortest time between two warnings about connections without a
+/// valid PROXY header.
+pub const PROXY_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Decides when to warn about connections closed as [`CloseReason::Proxy`]:
+/// at the first one, then at most once per [`PROXY_WARNING_INTERVAL`], with
+/// the number of them since the previous warning. A balancer that forgot
+/// `send-proxy` makes every connection fail; the operator needs to hear it
+/// once, not once per connection. Time is passed in, so tests need no clock.
+#[derive(Debug, Default)]
+pub struct ProxyWarnings {
+    /// When the last warning was given; `None` before the first.
+    last: Option<Instant>,
+    /// Connections closed since then, not yet reported.
+    unreported: u64,
+}
+
+impl ProxyWarnings {
+    /// No connection seen yet.
+    pub const fn new() -> ProxyWarnings {
+        ProxyWarnings {
+            last: None,
+            unreported: 0,
+        }
+    }
+
+    /// One more connection without a valid header, at `now`. When a warning
+    /// is due, returns how many connections it reports and the time they
+    /// fell in (the span since the previous warning; the interval for the
+    /// very first one).
+    pub fn record(&mut self, now: Instant) -> Option<(u64, Duration)> {
+        self.unreported += 1;
+        let span = match self.last {
+            None => PROXY_WARNING_INTERVAL,
+            Some(last) => now.saturating_duration_since(last),
+        };
+        if self.last.is_some() && span < PROXY_WARNING_INTERVAL {
+            return None;
+        }
+        self.last = Some(now);
+        Some((std::mem::take(&mut self.unreported), span))
+    }
+}
+
+/// The warning for `count` connections without a valid header in `span`.
+pub fn proxy_warning(count: u64, span: Duration) -> String {
+    let connections = if count == 1 {
+        "connection"
+    } else {
+        "connections"
+    };
+    format!(
+        "{count} {connections} without a valid PROXY header in the last {} s: \
+         is the balancer sending one?",
+        span.as_secs()
+    )
+}
+
+/// The warnings of the whole process: every loop reports here, so a
+/// misconfigured balancer gives one warning per interval, not one per loop.
+static PROXY_WARNINGS: Mutex<ProxyWarnings> = Mutex::new(ProxyWarnings::new());
+
+/// A connection was closed as [`CloseReason::Proxy`] at `now`: warns (at
+/// `warn` level, shown by default) when [`ProxyWarnings`] says it is time.
+pub fn proxy_rejected(now: Instant) {
+    let due = PROXY_WARNINGS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .record(now);
+    if let Some((count, span)) = due {
+        log::warn!("{}", proxy_warning(count, span));
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -283,11 +367,20 @@ pub const MAX_REQUEST_HEADERS: usize = 32;
 pub enum Request {
     /// The request head is not complete yet; read more.
     Incomplete,
-    /// `GET /metrics`: answer with the page.
-    Metrics,
-    /// A well-formed request for anything else (another path, another
-    /// method): answer 404.
-    NotFound,
+    /// `GET /metrics` (`head: false`): answer with the page; `HEAD /metrics`
+    /// (`head: true`): the same headers, no body.
+    Metrics {
+        /// The request was `HEAD`.
+        head: bool,
+    },
+    /// `/metrics` with any other method: answer 405 with `Allow: GET, HEAD`.
+    MethodNotAllowed,
+    /// A well-formed request for another path: answer 404 (no body to a
+    /// `HEAD`).
+    NotFound {
+        /// The request was `HEAD`.
+        head: bool,
+    },
     /// Not HTTP, more than [`MAX_REQUEST_HEADERS`] headers, or a head longer
     /// than [`MAX_REQUEST_HEAD`]: answer 400.
     Bad,
@@ -299,8 +392,9 @@ pub enum Request {
 /// Only the head is looked at. The server answers one request and closes,
 /// so a body or a pipelined second request is never read. A query string is
 /// allowed and ignored (`GET /metrics?x=1` is [`Request::Metrics`]), since
-/// Prometheus appends the `params` of a scrape config to the path. The
-/// answer does not depend on how `buf` was split into reads.
+/// Prometheus appends the `params` of a scrape config to the path. Methods
+/// are case-sensitive, as HTTP says. The answer does not depend on how
+/// `buf` was split into reads.
 pub fn parse_request(buf: &[u8]) -> Request {
     let head = &buf[..buf.len().min(MAX_REQUEST_HEAD)];
     let mut headers = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
@@ -309,10 +403,12 @@ pub fn parse_request(buf: &[u8]) -> Request {
         Ok(httparse::Status::Complete(_)) => {
             let path = request.path.unwrap_or("");
             let path = path.split_once('?').map_or(path, |(path, _query)| path);
-            if request.method == Some("GET") && path == "/metrics" {
-                Request::Metrics
-            } else {
-                Request::NotFound
+            let method = request.method.unwrap_or("");
+            let head = method == "HEAD";
+            match (path == "/metrics", method) {
+                (true, "GET" | "HEAD") => Request::Metrics { head },
+                (true, _) => Request::MethodNotAllowed,
+                (false, _) => Request::NotFound { head },
             }
         }
         Ok(httparse::Status::Partial) if buf.len() >= MAX_REQUEST_HEAD => Request::Bad,
@@ -321,38 +417,62 @@ pub fn parse_request(buf: &[u8]) -> Request {
     }
 }
 
+/// The content type of the error answers.
+const TEXT: &str = "text/plain; charset=utf-8";
+
 /// The whole HTTP answer to a complete request: the metrics page (200),
-/// 404 or 400, each followed by a close. `None` for
+/// 405, 404 or 400, each followed by a close. `None` for
 /// [`Request::Incomplete`]: there is nothing to answer yet.
 pub fn response(request: Request, loops: &[Arc<Counters>]) -> Option<Vec<u8>> {
-    match request {
-        Request::Incomplete => None,
-        Request::Metrics => Some(http_response(
+    let (status, content_type, body, extra, head) = match request {
+        Request::Incomplete => return None,
+        Request::Metrics { head } => (
             "200 OK",
             METRICS_CONTENT_TYPE,
-            render(loops).as_bytes(),
-        )),
-        Request::NotFound => Some(http_response(
+            render(loops).into_bytes(),
+            "",
+            head,
+        ),
+        Request::MethodNotAllowed => (
+            "405 Method Not Allowed",
+            TEXT,
+            b"method not allowed: try GET /metrics\n".to_vec(),
+            "Allow: GET, HEAD\r\n",
+            false,
+        ),
+        Request::NotFound { head } => (
             "404 Not Found",
-            "text/plain; charset=utf-8",
-            b"not found: try GET /metrics\n",
-        )),
-        Request::Bad => Some(http_response(
+            TEXT,
+            b"not found: try GET /metrics\n".to_vec(),
+            "",
+            head,
+        ),
+        Request::Bad => (
             "400 Bad Request",
-            "text/plain; charset=utf-8",
-            b"bad request\n",
-        )),
+            TEXT,
+            b"bad request\n".to_vec(),
+            "",
+            false,
+        ),
+    };
+    let mut answer = http_response(status, content_type, extra, &body);
+    if head {
+        // The headers of the GET answer, Content-Length included, and no body.
+        answer.truncate(answer.len() - body.len());
     }
+    Some(answer)
 }
 
 /// An HTTP/1.1 response with `status` (such as `"200 OK"`), a
-/// `Content-Type`, an exact `Content-Length` and `Connection: close`.
-pub fn http_response(status: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
+/// `Content-Type`, an exact `Content-Length`, `Connection: close` and the
+/// `extra` header lines (each ending in `\r\n`; usually none).
+pub fn http_response(status: &str, content_type: &str, extra: &str, body: &[u8]) -> Vec<u8> {
     let head = format!(
         "HTTP/1.1 {status}\r\n\
          Content-Type: {content_type}\r\n\
          Content-Length: {}\r\n\
          Connection: close\r\n\
+         {extra}\
          \r\n",
         body.len()
     );
@@ -383,6 +503,7 @@ echoloop_connections_closed_total{reason=\"reset\"} 0
 echoloop_connections_closed_total{reason=\"too_long\"} 0
 echoloop_connections_closed_total{reason=\"busy\"} 0
 echoloop_connections_closed_total{reason=\"shutdown\"} 0
+echoloop_connections_closed_total{reason=\"proxy\"} 0
 echoloop_connections_closed_total{reason=\"error\"} 0
 # HELP echoloop_lines_total Lines received and answered.
 # TYPE echoloop_lines_total counter
@@ -407,13 +528,51 @@ echoloop_sent_bytes_total 0
         assert_eq!(
             words,
             [
-                "eof", "idle", "reset", "too_long", "busy", "shutdown", "error"
+                "eof", "idle", "reset", "too_long", "busy", "shutdown", "proxy", "error"
             ]
         );
         for (i, reason) in CloseReason::ALL.into_iter().enumerate() {
             assert_eq!(reason.index(), i);
             assert_eq!(reason.to_string(), reason.as_str());
         }
+    }
+
+    // ----- ProxyWarnings -------------------------------------------------
+
+    #[test]
+    fn the_first_proxy_failure_warns_at_once() {
+        let mut w = ProxyWarnings::new();
+        let t0 = Instant::now();
+        assert_eq!(w.record(t0), Some((1, PROXY_WARNING_INTERVAL)));
+        assert_eq!(
+            proxy_warning(1, PROXY_WARNING_INTERVAL),
+            "1 connection without a valid PROXY header in the last 10 s: \
+             is the balancer sending one?"
+        );
+    }
+
+    #[test]
+    fn proxy_failures_warn_at_most_once_per_interval_with_the_count() {
+        let mut w = ProxyWarnings::new();
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert!(w.record(at(0)).is_some());
+        for ms in (100..10_000).step_by(100) {
+            assert_eq!(w.record(at(ms)), None, "warned again at {ms} ms");
+        }
+        // 99 held back, and this one: reported once the interval is over.
+        assert_eq!(w.record(at(10_000)), Some((100, Duration::from_secs(10))));
+        assert_eq!(w.record(at(10_001)), None);
+        // A quiet hour: the next one is reported with the span it fell in.
+        assert_eq!(
+            w.record(at(3_610_000)),
+            Some((2, Duration::from_secs(3_600)))
+        );
+        assert_eq!(
+            proxy_warning(2, Duration::from_secs(3_600)),
+            "2 connections without a valid PROXY header in the last 3600 s: \
+             is the balancer sending one?"
+        );
     }
 
     // ----- Counters -------------------------------------------------------
@@ -498,7 +657,7 @@ echoloop_sent_bytes_total 0
             }
             for (n, reason) in CloseReason::ALL.into_iter().enumerate() {
                 for _ in 0..n {
-                    c.closed(reason); // 0 + 1 + ... + 6 = 21 closes per loop
+                    c.closed(reason); // 0 + 1 + ... + 7 = 28 closes per loop
                 }
             }
             c.add_lines(100 + i as u64);
@@ -506,14 +665,15 @@ echoloop_sent_bytes_total 0
             c.add_sent(u64::from(u32::MAX));
         }
         let expected = ZERO_PAGE
-            .replace("open 0", "open 18")
+            .replace("open 0", "open 4")
             .replace("accepted_total 0", "accepted_total 60")
             .replace("\"idle\"} 0", "\"idle\"} 2")
             .replace("\"reset\"} 0", "\"reset\"} 4")
             .replace("\"too_long\"} 0", "\"too_long\"} 6")
             .replace("\"busy\"} 0", "\"busy\"} 8")
             .replace("\"shutdown\"} 0", "\"shutdown\"} 10")
-            .replace("\"error\"} 0", "\"error\"} 12")
+            .replace("\"proxy\"} 0", "\"proxy\"} 12")
+            .replace("\"error\"} 0", "\"error\"} 14")
             .replace("lines_total 0", "lines_total 201")
             .replace("received_bytes_total 0", "received_bytes_total 2000")
             .replace("sent_bytes_total 0", "sent_bytes_total 8589934590");
@@ -565,34 +725,66 @@ echoloop_sent_bytes_total 0
             b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:9100\r\n\
               User-Agent: Prometheus/2.53.0\r\nAccept: text/plain;version=0.0.4\r\n\
               X-Prometheus-Scrape-Timeout-Seconds: 10\r\n\r\n",
-            Request::Metrics,
+            Request::Metrics { head: false },
         );
-        assert_frames(b"GET /metrics HTTP/1.0\r\n\r\n", Request::Metrics);
-        assert_frames(b"GET /metrics HTTP/1.1\n\n", Request::Metrics);
+        assert_frames(
+            b"GET /metrics HTTP/1.0\r\n\r\n",
+            Request::Metrics { head: false },
+        );
+        assert_frames(
+            b"GET /metrics HTTP/1.1\n\n",
+            Request::Metrics { head: false },
+        );
     }
 
     #[test]
     fn query_string_is_ignored() {
         assert_frames(
             b"GET /metrics?module=echo HTTP/1.1\r\n\r\n",
-            Request::Metrics,
+            Request::Metrics { head: false },
         );
-        assert_frames(b"GET /metrics? HTTP/1.1\r\n\r\n", Request::Metrics);
+        assert_frames(
+            b"GET /metrics? HTTP/1.1\r\n\r\n",
+            Request::Metrics { head: false },
+        );
     }
 
     #[test]
-    fn other_requests_are_not_found() {
+    fn head_metrics() {
+        assert_frames(
+            b"HEAD /metrics HTTP/1.1\r\n\r\n",
+            Request::Metrics { head: true },
+        );
+        assert_frames(
+            b"HEAD /metrics?x=1 HTTP/1.0\r\n\r\n",
+            Request::Metrics { head: true },
+        );
+    }
+
+    #[test]
+    fn other_methods_on_metrics_are_not_allowed() {
+        for request in [
+            &b"POST /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\n"[..],
+            b"PUT /metrics HTTP/1.1\r\n\r\n",
+            b"DELETE /metrics?x HTTP/1.1\r\n\r\n",
+            b"get /metrics HTTP/1.1\r\n\r\n",
+        ] {
+            assert_frames(request, Request::MethodNotAllowed);
+        }
+    }
+
+    #[test]
+    fn other_paths_are_not_found() {
         for request in [
             &b"GET / HTTP/1.1\r\n\r\n"[..],
             b"GET /metrics/ HTTP/1.1\r\n\r\n",
             b"GET /metricsx HTTP/1.1\r\n\r\n",
             b"GET /METRICS HTTP/1.1\r\n\r\n",
-            b"POST /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\n",
-            b"HEAD /metrics HTTP/1.1\r\n\r\n",
-            b"get /metrics HTTP/1.1\r\n\r\n",
+            b"POST /other HTTP/1.1\r\n\r\n",
         ] {
-            assert_frames(request, Request::NotFound);
+            assert_frames(request, Request::NotFound { head: false });
         }
+        assert_frames(b"HEAD / HTTP/1.1\r\n\r\n", Request::NotFound { head: true });
     }
 
     #[test]
@@ -621,7 +813,7 @@ echoloop_sent_bytes_total 0
             request.extend_from_slice(format!("X-{i}: y\r\n").as_bytes());
         }
         request.extend_from_slice(b"\r\n");
-        assert_eq!(parse_request(&request), Request::Metrics);
+        assert_eq!(parse_request(&request), Request::Metrics { head: false });
         let at = request.len() - 2;
         request.splice(at..at, b"X-one-more: y\r\n".iter().copied());
         assert_eq!(parse_request(&request), Request::Bad);
@@ -633,7 +825,7 @@ echoloop_sent_bytes_total 0
         request.resize(MAX_REQUEST_HEAD - 4, b'a');
         request.extend_from_slice(b"\r\n\r\n");
         assert_eq!(request.len(), MAX_REQUEST_HEAD);
-        assert_eq!(parse_request(&request), Request::Metrics);
+        assert_eq!(parse_request(&request), Request::Metrics { head: false });
 
         let mut request = b"GET /metrics HTTP/1.1\r\nX-Padding: ".to_vec();
         request.resize(MAX_REQUEST_HEAD - 1, b'a');
@@ -649,13 +841,27 @@ echoloop_sent_bytes_total 0
     #[test]
     fn http_response_exact() {
         assert_eq!(
-            http_response("404 Not Found", "text/plain", b"nope\n"),
+            http_response("404 Not Found", "text/plain", "", b"nope\n"),
             b"HTTP/1.1 404 Not Found\r\n\
               Content-Type: text/plain\r\n\
               Content-Length: 5\r\n\
               Connection: close\r\n\
               \r\n\
               nope\n"
+        );
+        assert_eq!(
+            http_response(
+                "405 Method Not Allowed",
+                "text/plain",
+                "Allow: GET, HEAD\r\n",
+                b""
+            ),
+            b"HTTP/1.1 405 Method Not Allowed\r\n\
+              Content-Type: text/plain\r\n\
+              Content-Length: 0\r\n\
+              Connection: close\r\n\
+              Allow: GET, HEAD\r\n\
+              \r\n"
         );
     }
 
@@ -664,15 +870,27 @@ echoloop_sent_bytes_total 0
         let all = loops(2);
         assert_eq!(response(Request::Incomplete, &all), None);
 
-        let metrics = response(Request::Metrics, &all).unwrap();
-        let expected = http_response("200 OK", METRICS_CONTENT_TYPE, ZERO_PAGE.as_bytes());
+        let metrics = response(Request::Metrics { head: false }, &all).unwrap();
+        let expected = http_response("200 OK", METRICS_CONTENT_TYPE, "", ZERO_PAGE.as_bytes());
         assert_eq!(metrics, expected);
         let head = String::from_utf8_lossy(&metrics);
         assert!(head.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"));
         assert!(head.contains(&format!("Content-Length: {}\r\n", ZERO_PAGE.len())));
 
-        let not_found = response(Request::NotFound, &all).unwrap();
+        // HEAD: the same head, Content-Length of the page included, no body.
+        let head = response(Request::Metrics { head: true }, &all).unwrap();
+        assert_eq!(head, &expected[..expected.len() - ZERO_PAGE.len()]);
+
+        let not_allowed = response(Request::MethodNotAllowed, &all).unwrap();
+        let not_allowed = String::from_utf8(not_allowed).unwrap();
+        assert!(not_allowed.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"));
+        assert!(not_allowed.contains("\r\nAllow: GET, HEAD\r\n"));
+
+        let not_found = response(Request::NotFound { head: false }, &all).unwrap();
         assert!(not_found.starts_with(b"HTTP/1.1 404 Not Found\r\n"));
+        assert!(not_found.ends_with(b"not found: try GET /metrics\n"));
+        let not_found_head = response(Request::NotFound { head: true }, &all).unwrap();
+        assert!(not_found_head.ends_with(b"Connection: close\r\n\r\n"));
         let bad = response(Request::Bad, &all).unwrap();
         assert!(bad.starts_with(b"HTTP/1.1 400 Bad Request\r\n"));
     }
@@ -701,9 +919,9 @@ echoloop_sent_bytes_total 0
                 prop_assert_eq!(parse_request(&request[..end]), Request::Incomplete);
             }
             let expected = if path.split('?').next() == Some("/metrics") {
-                Request::Metrics
+                Request::Metrics { head: false }
             } else {
-                Request::NotFound
+                Request::NotFound { head: false }
             };
             prop_assert_eq!(parse_request(request), expected);
         }

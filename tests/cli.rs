@@ -1,10 +1,13 @@
-//! SPEC §3, the command line: help, bad arguments, bind failures, the
-//! startup line and the logged limits.
+//! SPEC §3, the command line: help, bad arguments and the values refused
+//! with exit status 2, bind failures (one line naming what failed), the
+//! startup line, the logged limits and the warnings about adjusted or
+//! ignored settings.
 
 mod common;
 
 use common::*;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 fn echoloop(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_echoloop"))
@@ -64,15 +67,136 @@ fn a_bad_value_exits_2_naming_it() {
     }
 }
 
+/// Runs `cmd`, expecting exit status 2 and a message containing every one
+/// of `wanted`; returns the message.
+fn refused(cmd: &mut Command, wanted: &[&str]) -> String {
+    let out = cmd.output().expect("run echoloop");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    for w in wanted {
+        assert!(err.contains(w), "no {w:?} in:\n{err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        out.stdout.is_empty(),
+        "printed a startup line although refused"
+    );
+    err
+}
+
+fn echoloop_cmd(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_echoloop"));
+    cmd.args(args);
+    cmd
+}
+
 #[test]
-fn a_taken_port_exits_1_naming_the_address() {
+fn a_cap_of_zero_is_refused() {
+    refused(
+        &mut echoloop_cmd(&["--max-connections", "0"]),
+        &["--max-connections", "at least 1"],
+    );
+}
+
+#[test]
+fn an_unknown_log_level_is_refused_listing_the_levels() {
+    refused(
+        &mut echoloop_cmd(&["--log-level", "bogus"]),
+        &["bogus", "off, error, warn, info, debug, trace"],
+    );
+}
+
+#[test]
+fn more_loops_than_the_descriptor_limit_holds_are_refused() {
+    // 100 descriptors hold (100 - 41) / 19 = 3 loops.
+    let err = refused(
+        with_nofile(100).args(["--listen", "127.0.0.1:0", "--threads", "10"]),
+        &[
+            "--threads 10",
+            "at most 3 loop(s)",
+            "open-file limit of 100",
+        ],
+    );
+    assert_eq!(err.matches("--threads 10").count(), 1, "{err}");
+    refused(
+        &mut echoloop_cmd(&["--listen", "127.0.0.1:0", "--threads", "100000"]),
+        &["--threads 100000", "at most"],
+    );
+}
+
+#[test]
+fn a_cap_above_the_descriptor_limit_is_lowered_with_a_warning() {
+    let server = Server::start_with_nofile(&["--max-connections", "100000"], 100);
+    // 100 - 59 = 41 connections fit.
+    server.wait_until(Duration::from_secs(5), "the lowered cap", |s| {
+        s.stderr()
+            .contains("open-file limit 100, max connections 41, 1 loop(s)")
+    });
+    let log = server.stderr();
+    assert!(
+        log.contains("WARN")
+            && log.contains("--max-connections 100000")
+            && log.contains("at most 41"),
+        "{log}"
+    );
+    // And the lowered cap is the one enforced: the 42nd client is busy.
+    let mut held: Vec<_> = (0..41).map(|_| server.connect()).collect();
+    for c in held.iter_mut() {
+        exchange(c, b"in\n", &said(b"in"));
+    }
+    let mut extra = server.connect();
+    assert_eq!(read_to_eof(&mut extra), b"error: server busy\n");
+}
+
+#[test]
+fn a_rust_log_that_would_hide_every_line_is_ignored_with_a_warning() {
+    // start_cmd sets RUST_LOG=debug; `env` sets it again for echoloop.
+    let mut wrapper = Command::new("env");
+    wrapper
+        .arg("RUST_LOG=bogus")
+        .arg(env!("CARGO_BIN_EXE_echoloop"));
+    let server = Server::start_cmd(wrapper, &["--listen", "127.0.0.1:0"], 1);
+    server.wait_until(Duration::from_secs(5), "the RUST_LOG warning", |s| {
+        s.stderr().contains("ignoring RUST_LOG=bogus")
+    });
+    // Logging goes on at info: the limits line is there.
+    server.wait_until(Duration::from_secs(5), "the info line", |s| {
+        s.stderr().contains("INFO") && s.stderr().contains("open-file limit")
+    });
+}
+
+/// Runs echoloop with `args` (where `{addr}` stands for an address that is
+/// taken) and expects exit status 1, no startup line, and `wanted` as the
+/// one line of stderr that names the address.
+fn fails_to_start_on_a_taken_address(args: &[&str], wanted: &str) {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let out = echoloop(&["--listen", &addr]);
+    let args: Vec<String> = args.iter().map(|a| a.replace("{addr}", &addr)).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = echoloop(&args);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&addr), "{err}");
+    let failures: Vec<&str> = err.lines().filter(|l| l.contains(&addr)).collect();
+    assert_eq!(failures, [wanted.replace("{addr}", &addr)], "{err}");
+    assert!(!err.contains("ERROR"), "said twice:\n{err}");
     assert!(!err.contains("panicked"), "{err}");
+    assert!(out.stdout.is_empty(), "announced although it failed");
+}
+
+#[test]
+fn a_taken_port_exits_1_with_one_line_naming_the_address() {
+    fails_to_start_on_a_taken_address(
+        &["--listen", "{addr}"],
+        "echoloop: cannot listen on {addr}: Address already in use (os error 98)",
+    );
+}
+
+#[test]
+fn a_taken_metrics_port_exits_1_naming_the_metrics_address() {
+    fails_to_start_on_a_taken_address(
+        &["--listen", "127.0.0.1:0", "--metrics", "{addr}"],
+        "echoloop: cannot serve metrics on {addr}: Address already in use (os error 98)",
+    );
 }
 
 #[test]
@@ -84,9 +208,7 @@ fn startup_line_names_each_listener_and_limits_are_logged() {
         let mut c = connect(*addr);
         exchange(&mut c, b"v4 or v6\n", &said(b"v4 or v6"));
     }
-    server.wait_until(
-        std::time::Duration::from_secs(5),
-        "limits in the log",
-        |s| s.stderr().contains("open-file limit") && s.stderr().contains("max connections"),
-    );
+    server.wait_until(Duration::from_secs(5), "limits in the log", |s| {
+        s.stderr().contains("open-file limit") && s.stderr().contains("max connections")
+    });
 }

@@ -15,9 +15,7 @@ use common::*;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -27,10 +25,11 @@ const STARTUP: Duration = Duration::from_secs(20);
 /// How long a log line may take to appear after the event behind it.
 const LOG_DELAY: Duration = Duration::from_secs(10);
 
-/// A running HAProxy; killed and its directory removed when dropped.
+/// A running HAProxy; killed, and its directory removed, when dropped.
 struct Haproxy {
     child: Child,
-    dir: PathBuf,
+    /// Holds the config and the stats socket; removed when dropped.
+    dir: tempfile::TempDir,
     frontend: SocketAddr,
     output: Arc<Mutex<String>>,
 }
@@ -40,14 +39,10 @@ impl Haproxy {
     /// on traffic and health checks, and waits until the frontend accepts
     /// connections and every backend has passed a full health check.
     fn start(backends: &[SocketAddr]) -> Haproxy {
-        static SEQ: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "echoloop-haproxy-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create HAProxy temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("echoloop-haproxy-")
+            .tempdir()
+            .expect("create HAProxy temp dir");
         let frontend = free_port();
         let mut cfg = format!(
             "global\n\
@@ -70,14 +65,14 @@ impl Haproxy {
              \x20   option tcp-check\n\
              \x20   tcp-check send health\\n\n\
              \x20   tcp-check expect string \"you said: health!\"\n",
-            stats = dir.join("stats.sock").display(),
+            stats = dir.path().join("stats.sock").display(),
         );
         for (i, addr) in backends.iter().enumerate() {
             cfg.push_str(&format!(
                 "    server s{i} {addr} send-proxy-v2 check check-send-proxy inter 200ms\n"
             ));
         }
-        let cfg_path = dir.join("haproxy.cfg");
+        let cfg_path = dir.path().join("haproxy.cfg");
         std::fs::write(&cfg_path, &cfg).expect("write HAProxy config");
 
         let mut child = Command::new("haproxy")
@@ -161,7 +156,7 @@ impl Haproxy {
 
     /// `show stat` on the stats socket, as CSV; empty on any error.
     fn show_stat(&self) -> String {
-        let Ok(mut s) = UnixStream::connect(self.dir.join("stats.sock")) else {
+        let Ok(mut s) = UnixStream::connect(self.dir.path().join("stats.sock")) else {
             return String::new();
         };
         s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
@@ -191,7 +186,6 @@ impl Drop for Haproxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -13,9 +13,7 @@ use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// `program` with `RUST_LOG=debug` and none of the systemd variables the
@@ -37,7 +35,7 @@ fn command(program: &str) -> Command {
 /// A command that runs echoloop with `listener` as its fd 3, `LISTEN_FDS=1`
 /// and `LISTEN_PID` set to the pid echoloop itself will run as (`sh`
 /// execs it, keeping the pid).
-fn activated(listener: &TcpListener, args: &[&str]) -> Command {
+fn activated(listener: &impl AsRawFd, args: &[&str]) -> Command {
     let mut cmd = command("sh");
     cmd.arg("-c")
         .arg(r#"LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$@""#)
@@ -48,7 +46,7 @@ fn activated(listener: &TcpListener, args: &[&str]) -> Command {
 }
 
 /// Makes `listener` the child's fd 3, open across exec.
-fn with_fd3(cmd: &mut Command, listener: &TcpListener) {
+fn with_fd3(cmd: &mut Command, listener: &impl AsRawFd) {
     let fd = listener.as_raw_fd();
     // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and
     // exec, on a descriptor that stays open in the parent until spawn
@@ -68,27 +66,12 @@ fn with_fd3(cmd: &mut Command, listener: &TcpListener) {
     }
 }
 
-/// A unique path in the temp dir, removed again when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(what: &str) -> TempDir {
-        static SEQ: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "echoloop-{what}-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A fresh directory for a `NOTIFY_SOCKET`, removed again when dropped.
+fn temp_dir(what: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("echoloop-{what}-"))
+        .tempdir()
+        .expect("create temp dir")
 }
 
 /// Receives datagrams until one contains `wanted`; returns every datagram
@@ -173,8 +156,8 @@ fn activation_for_another_pid_is_ignored() {
 
 #[test]
 fn notifies_ready_and_stopping() {
-    let dir = TempDir::new("notify");
-    let path = dir.0.join("notify.sock");
+    let dir = temp_dir("notify");
+    let path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&path).expect("bind NOTIFY_SOCKET");
     let mut cmd = command(env!("CARGO_BIN_EXE_echoloop"));
     cmd.args(["--listen", "127.0.0.1:0"])
@@ -219,8 +202,8 @@ fn notifies_ready_and_stopping() {
 fn activated_and_notifying_together() {
     // What the contrib units do: the socket comes from systemd and the
     // service is Type=notify.
-    let dir = TempDir::new("notify-activated");
-    let path = dir.0.join("notify.sock");
+    let dir = temp_dir("notify-activated");
+    let path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&path).expect("bind NOTIFY_SOCKET");
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -252,4 +235,43 @@ fn activated_and_notifying_together() {
     // The open, quiet client is closed by the shutdown.
     wait_closed(&mut c);
     assert_eq!(daemon.wait_exit(Duration::from_secs(15)), Some(0));
+}
+
+#[test]
+fn listen_is_ignored_under_activation_with_a_warning() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let daemon = Server::start_cmd(activated(&listener, &["--listen", "127.0.0.1:0"]), &[], 1);
+    drop(listener);
+    assert_eq!(daemon.addr(), addr, "{}", daemon.stderr());
+    let log = daemon.stderr();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("--listen 127.0.0.1:0 ignored")),
+        "{log}"
+    );
+    // Without --listen on the command line there is nothing to warn about.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let quiet = Server::start_cmd(activated(&listener, &[]), &[], 1);
+    drop(listener);
+    exchange(&mut connect(quiet.addr()), b"x\n", &said(b"x"));
+    assert!(!quiet.stderr().contains("ignored"), "{}", quiet.stderr());
+}
+
+#[test]
+fn a_passed_socket_that_is_not_a_stream_exits_1_naming_it() {
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let out = activated(&udp, &[]).output().expect("run echoloop");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let failures: Vec<&str> = err.lines().filter(|l| l.contains("systemd")).collect();
+    assert_eq!(
+        failures,
+        [
+            "echoloop: cannot use the sockets systemd passed (LISTEN_FDS): \
+          inherited fd 3 is not a stream socket"
+        ],
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
 }

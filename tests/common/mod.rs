@@ -38,25 +38,9 @@ impl Server {
     /// Like [`Server::start`], with the open-file limit of the server
     /// process set to `nofile` (soft and hard) before it starts.
     pub fn start_with_nofile(args: &[&str], nofile: u64) -> Server {
-        use std::os::unix::process::CommandExt;
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_echoloop"));
-        // SAFETY: setrlimit is async-signal-safe and touches no memory of
-        // the parent.
-        unsafe {
-            cmd.pre_exec(move || {
-                let lim = libc::rlimit {
-                    rlim_cur: nofile,
-                    rlim_max: nofile,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
         let mut full = vec!["--listen", "127.0.0.1:0"];
         full.extend_from_slice(args);
-        Server::start_cmd(cmd, &full, 1)
+        Server::start_cmd(with_nofile(nofile), &full, 1)
     }
 
     /// Starts `cmd <args>` (a command that runs echoloop, perhaps through a
@@ -142,10 +126,13 @@ impl Server {
     /// CPU time (user + system) of the server so far.
     pub fn cpu_time(&self) -> Duration {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // Fields are counted after the command name, which is in
+        // parentheses and may hold spaces: utime and stime are fields 14
+        // and 15 of the line, 12 and 13 after the `)`.
         let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
         let fields: Vec<&str> = after_comm.split_whitespace().collect();
         let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-        Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
+        Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64)
     }
 
     /// Waits until `pred` holds for the server, or panics after `within`.
@@ -244,15 +231,38 @@ pub fn said(content: &[u8]) -> Vec<u8> {
 
 /// Raises this test process's soft open-file limit to the hard limit.
 pub fn raise_nofile() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    rlimit::increase_nofile_limit(u64::MAX).expect("raise RLIMIT_NOFILE")
+}
+
+/// A command that runs echoloop with its open-file limit (soft and hard)
+/// set to `nofile`.
+pub fn with_nofile(nofile: u64) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_echoloop"));
+    // SAFETY: between fork and exec the closure only calls setrlimit(2),
+    // which is async-signal-safe, allocates nothing and touches no memory
+    // of the parent.
     unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        lim.rlim_cur = lim.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        cmd.pre_exec(move || rlimit::setrlimit(rlimit::Resource::NOFILE, nofile, nofile));
     }
-    lim.rlim_cur
+    cmd
+}
+
+/// Lowers the open-file limit (soft and hard) of the running process
+/// `pid`, one of our children.
+pub fn lower_nofile_of(pid: u32, nofile: u64) {
+    rlimit::prlimit(
+        pid as rlimit::pid_t,
+        rlimit::Resource::NOFILE,
+        Some((nofile, nofile)),
+        None,
+    )
+    .expect("prlimit on our own child");
+}
+
+/// Clock ticks per second, the unit of the times in /proc/PID/stat.
+fn clock_ticks() -> u64 {
+    // SAFETY: sysconf(3) only reads a system constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(ticks).expect("sysconf(_SC_CLK_TCK)")
 }
