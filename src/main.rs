@@ -61,20 +61,59 @@ fn init_logging(cli: &Cli) {
     }
 }
 
+/// Start, serve, stop: each step is one function below.
 fn run(cli: &Cli) -> Result<ExitCode, String> {
+    let inherited = take_inherited()?;
+    // Handlers first: a signal that comes once `Echoing on` is printed
+    // must find them installed.
+    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("signals: {e}"))?;
+    let (cfg, fd_limit) = configure(cli)?;
+    let (echo, metrics) = bind(cli, cfg.threads, inherited)?;
+    // After binding, so that a failure to start is the only line printed.
+    info!(
+        "open-file limit {fd_limit}, max connections {}, {} loop(s)",
+        cfg.max_connections, cfg.threads
+    );
+    let echo_addrs = local_addrs(&echo[0])?;
+    let metrics_addrs = match &metrics {
+        Some(m) => local_addrs(&m[0])?,
+        None => Vec::new(),
+    };
+    let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
+    poll.registry()
+        .register(&mut signals, SIGNALS, Interest::READABLE)
+        .map_err(|e| format!("signals: {e}"))?;
+    let loops = start_loops(&cfg, echo, metrics, &poll)?;
+    // Only now, with every descriptor of the process open and the loops
+    // running, do we say where we serve.
+    announce(&echo_addrs, "Echoing on")?;
+    announce(&metrics_addrs, "Metrics on")?;
+    notify(NotifyState::Ready);
+    if let Some(code) = wait_for_signals(&mut poll, &mut signals, &loops)? {
+        return Ok(code);
+    }
+    Ok(join(loops.threads))
+}
+
+/// The listeners systemd passed, if any; the variables that named them
+/// are removed so that children of ours do not think they are theirs.
+fn take_inherited() -> Result<Vec<TcpListener>, String> {
     let inherited = listener::inherited()
         .map_err(|e| format!("cannot use the sockets systemd passed (LISTEN_FDS): {e}"))?;
     // SAFETY: still single-threaded (no loop, logger or signal thread has
-    // started), so nothing reads the environment concurrently. Children of
-    // ours must not think the sockets are theirs.
+    // started), so nothing reads the environment concurrently.
     unsafe {
         for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
             std::env::remove_var(var);
         }
     }
-    // Handlers first: a signal that comes once `Echoing on` is printed
-    // must find them installed.
-    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("signals: {e}"))?;
+    Ok(inherited)
+}
+
+/// Raises `RLIMIT_NOFILE` and derives the configuration against it: values
+/// that cannot work exit with status 2 (clap's convention), adjusted ones
+/// are logged as warnings. Returns the configuration and the limit.
+fn configure(cli: &Cli) -> Result<(Arc<Config>, u64), String> {
     let fd_limit = listener::raise_fd_limit()
         .map_err(|e| format!("cannot read or raise the open-file limit: {e}"))?;
     let cpus = thread::available_parallelism().map_or(1, |n| n.get());
@@ -84,9 +123,20 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
             .exit()
     });
     derived.warnings.iter().for_each(|w| warn!("{w}"));
-    let cfg = Arc::new(derived.config);
-    let threads = cfg.threads;
+    Ok((Arc::new(derived.config), fd_limit))
+}
 
+/// Listeners indexed `[loop][address]`.
+type PerLoop = Vec<Vec<TcpListener>>;
+
+/// Every listener of every loop: echo, and metrics when `--metrics` is
+/// given. Socket activation replaces `--listen` (with a warning when it
+/// was given).
+fn bind(
+    cli: &Cli,
+    threads: usize,
+    inherited: Vec<TcpListener>,
+) -> Result<(PerLoop, Option<PerLoop>), String> {
     let echo = if inherited.is_empty() {
         bind_all(&cli.listen, threads, "listen on")?
     } else {
@@ -107,32 +157,50 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         Some(addr) => Some(bind_all(&[addr], threads, "serve metrics on")?),
         None => None,
     };
-    info!(
-        "open-file limit {fd_limit}, max connections {}, {threads} loop(s)",
-        cfg.max_connections
-    );
-    let echo_addrs = local_addrs(&echo[0])?;
-    let metrics_addrs = match &metrics {
-        Some(m) => local_addrs(&m[0])?,
-        None => Vec::new(),
-    };
+    Ok((echo, metrics))
+}
 
-    let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
+/// The running loops: their threads, their shutdown handles, and how the
+/// main thread learns that they have finished.
+struct Loops {
+    threads: Vec<thread::JoinHandle<io::Result<()>>>,
+    handles: Vec<ShutdownHandle>,
+    /// Loops whose `run` has returned; each one also wakes `poll`.
+    finished: Arc<AtomicUsize>,
+    /// The waker they use, held here too: if the last loop's copy closed
+    /// the eventfd, its pending wake would leave the poll with it.
+    _exited: Arc<Waker>,
+}
+
+/// One thread per loop, each with its listeners, sharing the counters and
+/// the connection count; a loop that returns wakes the main `poll`.
+fn start_loops(
+    cfg: &Arc<Config>,
+    echo: PerLoop,
+    metrics: Option<PerLoop>,
+    poll: &Poll,
+) -> Result<Loops, String> {
     let exited = Arc::new(Waker::new(poll.registry(), LOOP_EXITED).map_err(|e| e.to_string())?);
     let finished = Arc::new(AtomicUsize::new(0));
     let shared = Shared {
         cfg: cfg.clone(),
-        counters: (0..threads).map(|_| Arc::new(Counters::new())).collect(),
+        counters: (0..cfg.threads)
+            .map(|_| Arc::new(Counters::new()))
+            .collect(),
         live: Arc::new(AtomicUsize::new(0)),
     };
-    let mut handles: Vec<ShutdownHandle> = Vec::new();
-    let mut running = Vec::new();
+    let mut loops = Loops {
+        threads: Vec::new(),
+        handles: Vec::new(),
+        finished: finished.clone(),
+        _exited: exited.clone(),
+    };
     let mut metrics_per_loop = metrics.map(|m| m.into_iter().map(|mut l| l.remove(0)));
     for (i, listeners) in echo.into_iter().enumerate() {
         let metrics_listener = metrics_per_loop.as_mut().and_then(Iterator::next);
         let event_loop = EventLoop::new(shared.clone(), i, listeners, metrics_listener)
             .map_err(|e| format!("event loop: {e}"))?;
-        handles.push(event_loop.shutdown_handle());
+        loops.handles.push(event_loop.shutdown_handle());
         let (exited, finished) = (exited.clone(), finished.clone());
         let t = thread::Builder::new()
             .name(format!("loop-{i}"))
@@ -144,43 +212,48 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
                 result
             })
             .map_err(|e| format!("thread: {e}"))?;
-        running.push(t);
+        loops.threads.push(t);
     }
-    poll.registry()
-        .register(&mut signals, SIGNALS, Interest::READABLE)
-        .map_err(|e| format!("signals: {e}"))?;
-    // Only now, with every descriptor of the process open and the loops
-    // running, do we say where we serve.
-    announce(&echo_addrs, "Echoing on")?;
-    announce(&metrics_addrs, "Metrics on")?;
-    notify(NotifyState::Ready);
+    Ok(loops)
+}
+
+/// Waits until every loop has finished. The first SIGINT/SIGTERM asks all
+/// of them to shut down gracefully; a second one means exit now (`Some(1)`).
+fn wait_for_signals(
+    poll: &mut Poll,
+    signals: &mut Signals,
+    loops: &Loops,
+) -> Result<Option<ExitCode>, String> {
     let mut events = Events::with_capacity(8);
     let mut stopping = false;
-    while finished.load(Ordering::SeqCst) < running.len() {
+    while loops.finished.load(Ordering::SeqCst) < loops.threads.len() {
         if let Err(e) = poll.poll(&mut events, None) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
             return Err(format!("poll: {e}"));
         }
-        for event in events.iter() {
-            if event.token() != SIGNALS {
-                continue;
+        if !events.iter().any(|event| event.token() == SIGNALS) {
+            continue;
+        }
+        for signal in signals.pending() {
+            if stopping {
+                warn!("second signal ({signal}): exiting now");
+                return Ok(Some(ExitCode::from(1)));
             }
-            for signal in signals.pending() {
-                if stopping {
-                    warn!("second signal ({signal}): exiting now");
-                    return Ok(ExitCode::from(1));
-                }
-                info!("signal {signal}: graceful shutdown");
-                stopping = true;
-                notify(NotifyState::Stopping);
-                handles.iter().for_each(ShutdownHandle::shutdown);
-            }
+            info!("signal {signal}: graceful shutdown");
+            stopping = true;
+            notify(NotifyState::Stopping);
+            loops.handles.iter().for_each(ShutdownHandle::shutdown);
         }
     }
+    Ok(None)
+}
+
+/// Joins the finished loops: status 0 unless one failed or panicked.
+fn join(threads: Vec<thread::JoinHandle<io::Result<()>>>) -> ExitCode {
     let mut code = ExitCode::SUCCESS;
-    for t in running {
+    for t in threads {
         match t.join() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -193,7 +266,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
             }
         }
     }
-    Ok(code)
+    code
 }
 
 /// Binds every address once per loop: `result[loop][address]`. With several
