@@ -2,7 +2,8 @@
 //!
 //! Every line a client sends is answered `you said: <line>!` (or echoed as
 //! it came, with `--raw`). The contract with clients and operators is
-//! `SPEC.md` at the root of the repository; this page is the map.
+//! `SPEC.md` at the root of the repository; this page is the map, and the
+//! [`guide`] is a tour of the code in nine chapters, each with an experiment.
 //!
 //! ## The files, one job each
 //!
@@ -107,10 +108,13 @@
 //!   threads and `sd_notify`: `main.rs`; metrics: [`metrics`] plus the
 //!   `Request` state; PROXY protocol: [`proxy`] plus the `ProxyHeader` state.
 
+#![deny(missing_docs)]
+
 pub mod admission;
 pub mod config;
 pub mod conn;
 pub mod event_loop;
+pub mod guide;
 pub mod line;
 pub mod listener;
 pub mod metrics;

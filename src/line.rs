@@ -35,7 +35,10 @@ pub enum Mode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Frame {
     /// A complete line of `len` bytes, its `\n` included.
-    Line { len: usize },
+    Line {
+        /// The line's length in bytes, `\n` included.
+        len: usize,
+    },
     /// No `\n` yet, and what is there may still become a valid line.
     Incomplete,
     /// The first line's content is (or must become) longer than `max_line`.
