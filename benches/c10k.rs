@@ -332,7 +332,7 @@ fn children_cpu_secs() -> f64 {
 /// The figures of one JSON report.
 fn parse_report(r: &Value) -> Sample {
     let f = |v: &Value| v.as_f64();
-    let percentiles = |l: &Value| ["p50", "p99", "p99_9"].map(|p| f(&l[p]).unwrap_or(0.0));
+    let percentiles = |l: &Value| ["p50", "p99", "p999"].map(|p| f(&l[p]).unwrap_or(0.0));
     let server = &r["server"];
     let mut error_detail = String::new();
     if let Some(errors) = r["errors"].as_object() {

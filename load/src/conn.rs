@@ -55,14 +55,15 @@ impl Conn {
         }
     }
 
-    /// Queues the next line (not written yet: call `flush`).
-    pub fn queue_line(&mut self, format: &LineFormat, now: Instant) {
+    /// Queues the next line, due at `intended`, at `now` (not written yet:
+    /// call `flush`).
+    pub fn queue_line(&mut self, format: &LineFormat, intended: Instant, now: Instant) {
         if self.out_pos == self.out.len() {
             self.out.clear();
             self.out_pos = 0;
         }
         format.push_line(&mut self.out, self.id, self.next_seq);
-        self.checker.sent(self.next_seq, now);
+        self.checker.sent(self.next_seq, intended, now);
         self.next_seq += 1;
     }
 

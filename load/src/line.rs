@@ -34,6 +34,16 @@ pub struct LineFormat {
     pub proto: Proto,
 }
 
+impl Proto {
+    /// The command-line spelling: `prefix` or `raw`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Proto::Prefix => "prefix",
+            Proto::Raw => "raw",
+        }
+    }
+}
+
 impl LineFormat {
     /// Length of the terminator: 1 for `\n`, 2 for `\r\n`.
     fn terminator_len(&self) -> usize {
@@ -69,6 +79,16 @@ impl LineFormat {
                 out.extend_from_slice(SUFFIX);
             }
         }
+    }
+
+    /// The same lines, answered in the other protocol: what a server in
+    /// the other mode sends back.
+    pub fn other_proto(&self) -> LineFormat {
+        let proto = match self.proto {
+            Proto::Prefix => Proto::Raw,
+            Proto::Raw => Proto::Prefix,
+        };
+        LineFormat { proto, ..*self }
     }
 
     /// An upper bound on the length of any reply of this run: a received

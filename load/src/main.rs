@@ -1,15 +1,19 @@
 //! `echoloop-load`: entry point. Parses the command line, checks what the
 //! machine allows, runs the chosen mode on worker threads, samples the
-//! server's /proc at the phase boundaries, and prints the report. Exit
-//! status: 0 without errors, 1 with any error counted, 2 for bad arguments.
+//! server's and its own /proc at the phase boundaries, and prints the
+//! report. Exit status: 0 without errors, 1 with any error counted, 2 for
+//! bad arguments, 3 for a rate run in which the tool fell behind its own
+//! schedule (invalid: it measured the tool).
 
 mod check;
 mod churn;
 mod cli;
 mod conn;
+mod hgrm;
 mod line;
 mod net;
 mod progress;
+mod rate;
 mod report;
 mod sys;
 mod tally;
@@ -20,7 +24,7 @@ use clap::Parser;
 use cli::{Cli, Mode};
 use line::LineFormat;
 use progress::Bar;
-use report::{Connects, Errors, Latency, Report, Server};
+use report::{Connects, Errors, Latency, Rate, Report, Server, Tool};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -50,7 +54,14 @@ struct Measured {
     /// Time to open all connections (connect mode: the whole run).
     connect_secs: f64,
     window_secs: f64,
+    /// This process's CPU over the measured window (connect mode: the run).
+    tool_cpu_secs: Option<f64>,
     server: Option<Server>,
+}
+
+/// CPU seconds this process has used so far.
+fn own_cpu() -> Option<f64> {
+    sys::cpu_seconds(std::process::id()).ok()
 }
 
 fn run(cli: &Cli) -> i32 {
@@ -100,6 +111,7 @@ fn run(cli: &Cli) -> i32 {
         } else {
             1
         },
+        rate_per_conn: cli.rate.map(|r| r / cli.conns as f64),
         concurrency: cli.concurrency.div_ceil(cli.threads),
         connect_timeout: cli.connect_timeout,
         grace: cli.grace,
@@ -113,7 +125,7 @@ fn run(cli: &Cli) -> i32 {
     };
     bar.finish();
 
-    let report = build_report(cli, sources.len(), &tally, measured);
+    let report = build_report(cli, sources.len().max(1), &tally, measured);
     for line in report::error_lines(&tally) {
         eprintln!("{line}");
     }
@@ -122,6 +134,15 @@ fn run(cli: &Cli) -> i32 {
             "({} errors in all; only the first ones are shown)",
             tally.total_errors()
         );
+    }
+    if let Some(why) = &report.stopped_early {
+        eprintln!("echoloop-load: {why}");
+    }
+    if let Some(path) = &cli.hgrm
+        && let Err(e) = hgrm::write(path, &tally.latency)
+    {
+        eprintln!("error: writing --hgrm {}: {e}", path.display());
+        return 1;
     }
     if cli.json {
         match serde_json::to_string(&report) {
@@ -134,7 +155,40 @@ fn run(cli: &Cli) -> i32 {
     } else {
         print!("{}", report.table());
     }
-    if report.ok { 0 } else { 1 }
+    match &report.rate {
+        _ if !report.ok => 1,
+        Some(r) if !r.valid => {
+            eprintln!(
+                "echoloop-load: invalid run: the tool sent late (p99 {:.0} us, allowed {:.0} us), \
+                 so the latency measures the tool: lower --rate or add --threads",
+                r.lateness_us.p99, r.max_lateness_us
+            );
+            3
+        }
+        _ => 0,
+    }
+}
+
+/// Why the run ended before its time, if it did: every connection failed
+/// to connect, or the server answers in the other protocol.
+fn stopped_early(cli: &Cli, tally: &Tally) -> Option<String> {
+    if let Some(p) = tally.wrong_proto {
+        let p = p.name();
+        return Some(format!("the server answers in {p} mode: try --proto {p}"));
+    }
+    if tally.connects_ok == 0 && tally.connects_attempted > 0 {
+        let first = tally
+            .samples
+            .iter()
+            .find(|s| s.kind == ErrorKind::Connect)
+            .map(|s| format!(" (first: {})", s.detail))
+            .unwrap_or_default();
+        return Some(format!(
+            "none of the {} connections to {} could be established{first}: is the server listening there?",
+            tally.connects_attempted, cli.target
+        ));
+    }
+    None
 }
 
 /// The connection ids of thread `t` of `threads`: t, t + threads, ...
@@ -147,7 +201,7 @@ fn wait_until(deadline: Instant, bar: &Bar, progress: &Progress, label: &str) {
     let mut last = (Instant::now(), progress.replies.load(Ordering::Relaxed));
     loop {
         let now = Instant::now();
-        if now >= deadline {
+        if now >= deadline || progress.halted() {
             return;
         }
         std::thread::sleep(TICK.min(deadline - now));
@@ -177,7 +231,9 @@ fn join_all(handles: Vec<JoinHandle<Tally>>, t0: Instant) -> Tally {
     total
 }
 
-/// pingpong, pipeline and idle: open everything, then traffic or hold.
+/// pingpong, pipeline, rate and idle: open everything, then traffic or
+/// hold. Stops after the open phase when no connection could be made or
+/// a thread halted the run.
 fn drive_traffic(
     cli: &Cli,
     settings: &Settings,
@@ -229,14 +285,17 @@ fn drive_traffic(
         }
     }
     let connect_secs = open_start.elapsed().as_secs_f64();
-    if opened < cli.threads {
+    let none_connected = progress.connected.load(Ordering::Relaxed) == 0;
+    if opened < cli.threads || none_connected || progress.halted() {
         for tx in &schedule_txs {
             let _ = tx.send(Schedule::Abort);
         }
         let mut tally = join_all(handles, settings.t0);
-        tally.error(ErrorKind::Io, 1, settings.t0.elapsed(), || {
-            "the open phase did not finish in time".into()
-        });
+        if opened < cli.threads {
+            tally.error(ErrorKind::Io, 1, settings.t0.elapsed(), || {
+                "the open phase did not finish in time".into()
+            });
+        }
         return (tally, Measured::default());
     }
     if let (Some(srv), Some(pid)) = (server.as_mut(), pid) {
@@ -245,6 +304,7 @@ fn drive_traffic(
 
     let start = Instant::now();
     let mut window_secs = 0.0;
+    let mut tool_cpu_secs = None;
     if cli.mode == Mode::Idle {
         let ctx0 = pid.and_then(|p| sys::context_switches(p).ok());
         let hold_end = start + cli.hold;
@@ -274,8 +334,10 @@ fn drive_traffic(
         }
         wait_until(window.from, bar, progress, "warming up");
         let cpu0 = pid.and_then(|p| sys::cpu_seconds(p).ok());
+        let own0 = own_cpu();
         wait_until(window.to, bar, progress, "measuring");
         let cpu1 = pid.and_then(|p| sys::cpu_seconds(p).ok());
+        tool_cpu_secs = own0.zip(own_cpu()).map(|(a, b)| b - a);
         window_secs = (window.to - window.from).as_secs_f64();
         if let (Some(srv), Some(a), Some(b)) = (server.as_mut(), cpu0, cpu1) {
             srv.cpu_secs = Some(b - a);
@@ -300,6 +362,7 @@ fn drive_traffic(
         Measured {
             connect_secs,
             window_secs,
+            tool_cpu_secs,
             server,
         },
     )
@@ -314,6 +377,7 @@ fn drive_connect(
 ) -> (Tally, Measured) {
     let pid = cli.server_pid;
     let cpu0 = pid.and_then(|p| sys::cpu_seconds(p).ok());
+    let own0 = own_cpu();
     let start = Instant::now();
     let deadline = start + cli.secs;
     let handles: Vec<JoinHandle<Tally>> = (0..cli.threads)
@@ -336,6 +400,7 @@ fn drive_connect(
     }
     let elapsed = start.elapsed().as_secs_f64();
     let cpu1 = pid.and_then(|p| sys::cpu_seconds(p).ok());
+    let tool_cpu_secs = own0.zip(own_cpu()).map(|(a, b)| b - a);
     let tally = join_all(handles, settings.t0);
     let server = pid.map(|pid| {
         let cpu = cpu0.zip(cpu1).map(|(a, b)| b - a);
@@ -353,6 +418,7 @@ fn drive_connect(
         Measured {
             connect_secs: elapsed,
             window_secs: elapsed,
+            tool_cpu_secs,
             server,
         },
     )
@@ -360,26 +426,43 @@ fn drive_connect(
 
 fn build_report(cli: &Cli, sources: usize, tally: &Tally, m: Measured) -> Report {
     let per_sec = |n: u64, secs: f64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
-    let replies = if cli.mode == Mode::Connect {
+    let connect = cli.mode == Mode::Connect;
+    let replies = if connect {
         tally.replies
     } else {
         tally.window_replies
     };
+    let per = |cpu: Option<f64>, n: u64| cpu.filter(|_| n > 0).map(|c| c * 1e6 / n as f64);
+    let tool = Tool {
+        cpu_secs: m.tool_cpu_secs,
+        cpu_us_per_reply: (!connect).then(|| per(m.tool_cpu_secs, replies)).flatten(),
+        cpu_us_per_conn: connect
+            .then(|| per(m.tool_cpu_secs, tally.completed))
+            .flatten(),
+    };
+    let rate = cli.rate.map(|asked| {
+        let lateness_us = Latency::of(&tally.lateness);
+        let max_lateness_us = cli.max_lateness.as_secs_f64() * 1e6;
+        Rate {
+            asked_per_sec: asked,
+            sent_per_sec: per_sec(tally.window_sent, m.window_secs),
+            valid: lateness_us.p99 <= max_lateness_us,
+            lateness_us,
+            max_lateness_us,
+        }
+    });
     let errors = Errors::of(tally);
+    let stopped_early = stopped_early(cli, tally);
     Report {
         mode: cli.mode,
         proto: cli.proto,
         target: cli.target.to_string(),
         conns: cli.conns,
-        depth: if cli.mode == Mode::Pipeline {
-            cli.depth
-        } else {
-            1
-        },
+        depth: (cli.mode == Mode::Pipeline).then_some(cli.depth),
         line_len: cli.line_len,
         threads: cli.threads,
         sources,
-        warmup_secs: if cli.mode == Mode::Connect {
+        warmup_secs: if connect {
             0.0
         } else {
             cli.warmup.as_secs_f64()
@@ -389,18 +472,24 @@ fn build_report(cli: &Cli, sources: usize, tally: &Tally, m: Measured) -> Report
         replies,
         replies_total: tally.replies,
         replies_per_sec: per_sec(replies, m.window_secs),
-        latency_us: Latency::of(&tally.latency),
+        latency_us: (cli.mode != Mode::Idle).then(|| Latency::of(&tally.latency)),
+        latency_uncorrected_us: (cli.mode == Mode::Rate)
+            .then(|| Latency::of(&tally.latency_uncorrected)),
+        rate,
         connects: Connects {
             attempted: tally.connects_attempted,
             established: tally.connects_ok,
-            completed: tally.completed,
+            completed: connect.then_some(tally.completed),
             per_sec: per_sec(tally.connects_ok, m.connect_secs),
             latency_us: Latency::of(&tally.connect_latency),
         },
+        tool,
         server: m.server,
         ok: errors.total == 0,
         errors,
-        stopped_by_time_limit: cli.mode == Mode::Connect
-            && tally.connects_attempted < cli.conns as u64,
+        stopped_by_time_limit: connect
+            && tally.connects_attempted < cli.conns as u64
+            && stopped_early.is_none(),
+        stopped_early,
     }
 }

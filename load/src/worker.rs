@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Reads per connection per turn of the loop; a connection with more input
@@ -35,6 +35,8 @@ pub struct Settings {
     pub format: LineFormat,
     /// Lines in flight per connection in the traffic phase.
     pub depth: usize,
+    /// Rate mode: lines/s each connection sends (`--rate / --conns`).
+    pub rate_per_conn: Option<f64>,
     /// Connections in progress at once, for this thread.
     pub concurrency: usize,
     pub connect_timeout: Duration,
@@ -44,11 +46,22 @@ pub struct Settings {
     pub t0: Instant,
 }
 
-/// Counters the main thread reads for the progress line.
+/// What the threads share while they run: counters the main thread reads
+/// for the progress line, and the flag that stops every thread at once.
 #[derive(Debug, Default)]
 pub struct Progress {
     pub connected: AtomicU64,
     pub replies: AtomicU64,
+    /// Set by the first thread that finds the run pointless (the server
+    /// answers in the other protocol); every loop ends at its next turn.
+    pub halt: AtomicBool,
+}
+
+impl Progress {
+    /// Has some thread asked every thread to stop?
+    pub fn halted(&self) -> bool {
+        self.halt.load(Ordering::Relaxed)
+    }
 }
 
 /// The measured window: replies that arrive inside it are counted in the
@@ -106,6 +119,10 @@ pub struct Worker {
     pub greet: bool,
     /// Close a connection once all its lines are answered (connect mode).
     pub close_when_answered: bool,
+    /// Rate mode: a reply counts in the window when its line was *due*
+    /// inside it, and latency is measured from the due time as well as
+    /// from the send time.
+    pub open_loop: bool,
     pub connecting: usize,
     pub live: usize,
     progress: Arc<Progress>,
@@ -130,6 +147,7 @@ impl Worker {
             refill: false,
             greet: false,
             close_when_answered: false,
+            open_loop: false,
             connecting: 0,
             live: 0,
             progress,
@@ -139,6 +157,22 @@ impl Worker {
 
     fn since_start(&self, now: Instant) -> Duration {
         now.saturating_duration_since(self.settings.t0)
+    }
+
+    /// Has some thread asked every thread to stop?
+    pub fn halted(&self) -> bool {
+        self.progress.halted()
+    }
+
+    /// How the replies of this worker are judged.
+    fn judge_ctx(&self, id: u32, now: Instant) -> Judge {
+        Judge {
+            id,
+            now,
+            t0: self.settings.t0,
+            window: self.window,
+            open_loop: self.open_loop,
+        }
     }
 
     /// Starts connection `id` in empty slot `slot`; its deadline is
@@ -171,7 +205,10 @@ impl Worker {
             self.free.push(slot);
             return;
         }
-        self.slots[slot] = Some(Conn::new(id, stream, self.settings.format, now));
+        // The clock is read per connection, not per turn: connect latency
+        // is the time of this connection alone.
+        let started = Instant::now();
+        self.slots[slot] = Some(Conn::new(id, stream, self.settings.format, started));
         self.connecting += 1;
         self.live += 1;
         self.deadlines.push_back((slot, id, now + timeout));
@@ -267,10 +304,11 @@ impl Worker {
                     conn.connecting_since = None;
                     self.connecting -= 1;
                     self.tally.connects_ok += 1;
-                    record(&mut self.tally.connect_latency, now - since);
+                    let established = Instant::now();
+                    record(&mut self.tally.connect_latency, established - since);
                     self.progress.connected.fetch_add(1, Ordering::Relaxed);
                     if self.greet {
-                        conn.queue_line(&self.settings.format, now);
+                        conn.queue_line(&self.settings.format, now, now);
                     }
                 }
             }
@@ -284,7 +322,23 @@ impl Worker {
             return;
         };
         for _ in 0..n {
-            conn.queue_line(&self.settings.format, now);
+            conn.queue_line(&self.settings.format, now, now);
+        }
+        self.service(slot, false, true, now);
+    }
+
+    /// Rate mode: queues the line due at `due` on the connection in `slot`
+    /// and writes it; counts how late it went out when it is due inside
+    /// the window.
+    pub fn send_due(&mut self, slot: usize, due: Instant) {
+        let Some(conn) = self.slots[slot].as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        conn.queue_line(&self.settings.format, due, now);
+        if self.window.contains(due) {
+            self.tally.window_sent += 1;
+            record(&mut self.tally.lateness, now.saturating_duration_since(due));
         }
         self.service(slot, false, true, now);
     }
@@ -298,16 +352,26 @@ impl Worker {
         let mut answered = 0usize;
         let mut end = ReadEnd::Drained;
         if readable {
-            let (tally, window, t0, id) = (&mut self.tally, self.window, self.settings.t0, conn.id);
+            let ctx = Judge {
+                id: conn.id,
+                now,
+                t0: self.settings.t0,
+                window: self.window,
+                open_loop: self.open_loop,
+            };
+            let tally = &mut self.tally;
             end = conn.read_some(&mut self.buf, READ_BUDGET, |v| {
-                if judge(v, id, now, t0, window, tally) {
+                if ctx.judge(v, tally) {
                     answered += 1;
                 }
             });
+            if self.tally.wrong_proto.is_some() {
+                self.progress.halt.store(true, Ordering::Relaxed);
+            }
         }
         if self.refill {
             for _ in 0..answered {
-                conn.queue_line(&self.settings.format, now);
+                conn.queue_line(&self.settings.format, now, now);
             }
         }
         let written = if writable || conn.has_output() {
@@ -345,9 +409,10 @@ impl Worker {
         let at = self.since_start(now);
         let id = conn.id;
         if !matches!(how, Close::Abandon) {
-            let (tally, window, t0) = (&mut self.tally, self.window, self.settings.t0);
+            let ctx = self.judge_ctx(id, now);
+            let tally = &mut self.tally;
             conn.checker.finish(|v| {
-                judge(v, id, now, t0, window, tally);
+                ctx.judge(v, tally);
             });
         }
         let seqs = conn.checker.outstanding_seqs();
@@ -412,61 +477,98 @@ impl Worker {
     }
 }
 
-/// Counts one reply verdict into `tally`; true when it settled a line (so
-/// a refill may be sent).
-fn judge(
-    v: Verdict,
+/// What judging the replies of one connection at one moment needs.
+#[derive(Clone, Copy)]
+struct Judge {
+    /// The connection.
     id: u32,
+    /// When the replies arrived.
     now: Instant,
     t0: Instant,
     window: Window,
-    tally: &mut Tally,
-) -> bool {
-    let at = now.saturating_duration_since(t0);
-    match v {
-        Verdict::Answered(line) => {
-            tally.replies += 1;
-            if window.contains(now) {
-                tally.window_replies += 1;
-                record(&mut tally.latency, now.saturating_duration_since(line.sent));
+    /// Rate mode: count by due time and measure from it (see `Worker`).
+    open_loop: bool,
+}
+
+impl Judge {
+    /// Counts one reply verdict into `tally`; true when it settled a line (so
+    /// a refill may be sent).
+    fn judge(&self, v: Verdict, tally: &mut Tally) -> bool {
+        let Judge {
+            id,
+            now,
+            t0,
+            window,
+            ..
+        } = *self;
+        let at = now.saturating_duration_since(t0);
+        match v {
+            Verdict::Answered(line) if self.open_loop => {
+                tally.replies += 1;
+                if window.contains(line.intended) {
+                    tally.window_replies += 1;
+                    record(
+                        &mut tally.latency,
+                        now.saturating_duration_since(line.intended),
+                    );
+                    record(
+                        &mut tally.latency_uncorrected,
+                        now.saturating_duration_since(line.sent),
+                    );
+                }
+                true
             }
-            true
-        }
-        Verdict::Reordered(line) => {
-            tally.error(ErrorKind::Reordered, 1, at, || {
-                format!(
-                    "c{id}: reply to s{} arrived after the reply to a later line",
-                    line.seq
-                )
-            });
-            true
-        }
-        Verdict::Duplicated { seq } => {
-            tally.error(ErrorKind::Duplicated, 1, at, || {
-                format!("c{id}: reply to s{seq} received twice")
-            });
-            false
-        }
-        Verdict::Altered { seq, expected, got } => {
-            tally.error(ErrorKind::Altered, 1, at, || {
-                let pos = expected.iter().zip(&got).position(|(a, b)| a != b);
-                let pos = pos.unwrap_or(expected.len().min(got.len()));
-                format!(
-                    "c{id}: reply to s{seq} differs at byte {pos}: expected `{}`, got `{}`",
-                    show(&expected, 80),
-                    show(&got, 80)
-                )
-            });
-            true
-        }
-        Verdict::Extra { got } => {
-            tally.error(ErrorKind::Extra, 1, at, || {
-                format!(
-                    "c{id}: reply `{}` while no line was outstanding",
-                    show(&got, 80)
-                )
-            });
-            false
+            Verdict::Answered(line) => {
+                tally.replies += 1;
+                if window.contains(now) {
+                    tally.window_replies += 1;
+                    record(&mut tally.latency, now.saturating_duration_since(line.sent));
+                }
+                true
+            }
+            Verdict::OtherProto { seq, answers_in } => {
+                tally.wrong_proto = Some(answers_in);
+                tally.error(ErrorKind::WrongProto, 1, at, || {
+                    format!("c{id}: reply to s{seq} is the {} reply", answers_in.name())
+                });
+                true
+            }
+            Verdict::Reordered(line) => {
+                tally.error(ErrorKind::Reordered, 1, at, || {
+                    format!(
+                        "c{id}: reply to s{} arrived after the reply to a later line",
+                        line.seq
+                    )
+                });
+                true
+            }
+            Verdict::Duplicated { seq } => {
+                tally.error(ErrorKind::Duplicated, 1, at, || {
+                    format!("c{id}: reply to s{seq} received twice")
+                });
+                false
+            }
+            Verdict::Altered { seq, expected, got } => {
+                tally.error(ErrorKind::Altered, 1, at, || {
+                    let pos = expected.iter().zip(&got).position(|(a, b)| a != b);
+                    let pos = pos.unwrap_or(expected.len().min(got.len()));
+                    format!(
+                        "c{id}: reply to s{seq} differs at byte {pos}: expected `{}`, got `{}`",
+                        show(&expected, 80),
+                        show(&got, 80)
+                    )
+                });
+                true
+            }
+            Verdict::Extra { got } => {
+                tally.error(ErrorKind::Extra, 1, at, || {
+                    format!(
+                        "c{id}: reply `{}` while no line was outstanding",
+                        show(&got, 80)
+                    )
+                });
+                false
+            }
         }
     }
 }

@@ -28,7 +28,15 @@ pub enum Behaviour {
     CloseEarly,
     /// The server greets each connection with a line nobody asked for.
     Greet,
+    /// Every reply correct, but the whole server stalls (answers nothing)
+    /// from `STALL_FROM` to `STALL_FROM + STALL` after it started.
+    Stall,
 }
+
+/// When the `Stall` server stops answering, counted from its start.
+pub const STALL_FROM: Duration = Duration::from_millis(500);
+/// How long the `Stall` server answers nothing.
+pub const STALL: Duration = Duration::from_secs(1);
 
 /// The line index the fault hits.
 pub const FAULT_AT: usize = 2;
@@ -71,13 +79,14 @@ pub fn start(spec: ServerSpec) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     let addr = listener.local_addr().unwrap();
     listener.set_nonblocking(true).unwrap();
+    let started = Instant::now();
     thread::spawn(move || {
-        let end = Instant::now() + SERVER_LIFETIME;
+        let end = started + SERVER_LIFETIME;
         while Instant::now() < end {
             match listener.accept() {
                 Ok((stream, _)) => {
                     thread::spawn(move || {
-                        let _ = serve(stream, spec);
+                        let _ = serve(stream, spec, started);
                     });
                 }
                 Err(_) => thread::sleep(Duration::from_millis(2)),
@@ -100,8 +109,8 @@ fn send(stream: &mut TcpStream, bytes: &[u8], one_byte: bool) -> std::io::Result
 }
 
 /// Serves one connection according to `spec` until EOF, an error, or the
-/// read timeout.
-fn serve(stream: TcpStream, spec: ServerSpec) -> std::io::Result<()> {
+/// read timeout; the server started at `started`.
+fn serve(stream: TcpStream, spec: ServerSpec, started: Instant) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -130,6 +139,13 @@ fn serve(stream: TcpStream, spec: ServerSpec) -> std::io::Result<()> {
                 let mid = r.len() / 2;
                 r[mid] ^= 0x20;
             }
+            Behaviour::Stall => {
+                let (from, to) = (started + STALL_FROM, started + STALL_FROM + STALL);
+                let now = Instant::now();
+                if from <= now && now < to {
+                    thread::sleep(to - now);
+                }
+            }
             Behaviour::CloseEarly if faulty => {
                 // FIN, then read until the client closes, so no unread
                 // input turns the close into a reset.
@@ -156,6 +172,28 @@ pub fn load(addr: SocketAddr, args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_echoloop-load"));
     cmd.args(["--target", &target, "--quiet"]).args(args);
     cmd.output().expect("run echoloop-load")
+}
+
+/// Runs `echoloop-load` like `load` and checks that it ended within
+/// `limit` (a run that should stop early, not run its window).
+pub fn load_within(addr: SocketAddr, args: &[&str], limit: Duration) -> Output {
+    let started = Instant::now();
+    let out = load(addr, args);
+    assert!(
+        started.elapsed() < limit,
+        "ran for {:?}, limit {limit:?}: {}",
+        started.elapsed(),
+        describe(&out)
+    );
+    out
+}
+
+/// A local address nothing listens on (a listener bound, then dropped).
+pub fn closed_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 /// The single JSON object printed with --json.

@@ -1,0 +1,71 @@
+//! The traffic phase of `rate` mode, open loop: lines go out on a fixed
+//! schedule whether or not earlier replies have come back, so a server that
+//! falls behind gets lines pipelined at it instead of a pause in the load
+//! (no coordinated omission).
+//!
+//! A thread sends `rate` lines/s over its connections in turn: line `n` of
+//! the thread is due at `start + n / rate` on connection `n mod conns`, so
+//! every connection has its own evenly spaced schedule, offset from its
+//! neighbours'. Between sends the loop sleeps in `poll` until the next line
+//! is due (poll timeouts are whole milliseconds, so a send can go out up to
+//! about 1 ms late; the report shows how late they were).
+
+use crate::worker::{Close, Window, Worker};
+use std::time::{Duration, Instant};
+
+/// When line `n` of a schedule of `rate` lines/s starting at `start` is due.
+fn due(start: Instant, rate: f64, n: u64) -> Instant {
+    start + Duration::from_secs_f64(n as f64 / rate)
+}
+
+/// Sends `rate` lines/s (this thread's share) from now until
+/// `stop_sending`, counts the lines due inside `window`, then waits for the
+/// outstanding replies until `deadline` (they are `missing` after it).
+pub fn traffic(
+    w: &mut Worker,
+    rate: f64,
+    window: Window,
+    stop_sending: Instant,
+    deadline: Instant,
+) {
+    w.window = window;
+    w.open_loop = true;
+    let conns = w.slots.len() as u64;
+    let start = Instant::now();
+    let mut n = 0u64;
+    let mut now = start;
+    loop {
+        loop {
+            let at = due(start, rate, n);
+            if at > now || at >= stop_sending {
+                break;
+            }
+            w.send_due((n % conns) as usize, at);
+            n += 1;
+        }
+        if w.halted() {
+            w.close_all(|| Close::Abandon, now);
+            return;
+        }
+        let next = due(start, rate, n);
+        let sending = next < stop_sending;
+        if w.live == 0 || (!sending && (now >= deadline || w.outstanding() == 0)) {
+            break;
+        }
+        now = w.turn(if sending { next } else { deadline });
+    }
+    w.close_all(|| Close::Done, now);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_is_evenly_spaced() {
+        let t = Instant::now();
+        assert_eq!(due(t, 1000.0, 0), t);
+        assert_eq!(due(t, 1000.0, 3) - t, Duration::from_millis(3));
+        assert_eq!(due(t, 4.0, 2) - t, Duration::from_millis(500));
+    }
+}
