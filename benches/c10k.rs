@@ -31,6 +31,7 @@
 //! that one run leaves behind never collide with the next run's
 //! connections. All traffic stays on 127.0.0.0/8.
 
+use echoloop_load::procfs;
 use plotters::prelude::*;
 use serde_json::Value;
 use std::fmt::Write as _;
@@ -617,30 +618,16 @@ fn render_table(rows: &[Row]) -> String {
 /// The share of all cores' time that was not idle over `span`, in percent
 /// (from the `cpu` line of `/proc/stat`).
 fn cpu_busy_pct(span: Duration) -> Option<f64> {
-    let read = || -> Option<(u64, u64)> {
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let fields: Vec<u64> = stat
-            .lines()
-            .next()?
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|f| f.parse().ok())
-            .collect();
-        // user nice system idle iowait irq softirq steal ...
-        let idle = fields.get(3)? + fields.get(4).unwrap_or(&0);
-        Some((fields.iter().sum(), idle))
-    };
-    let (total0, idle0) = read()?;
+    let (total0, idle0) = procfs::system_cpu_ticks().ok()?;
     std::thread::sleep(span);
-    let (total1, idle1) = read()?;
+    let (total1, idle1) = procfs::system_cpu_ticks().ok()?;
     let total = total1.saturating_sub(total0).max(1) as f64;
     Some(100.0 * (1.0 - idle1.saturating_sub(idle0) as f64 / total))
 }
 
 /// The 1-minute load average.
 fn load_average() -> Option<f64> {
-    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
-    text.split_whitespace().next()?.parse().ok()
+    procfs::load_average().ok()
 }
 
 /// The first line a command prints, or `unknown`.

@@ -5,6 +5,7 @@
 //! bad arguments, 3 for a rate run in which the tool fell behind its own
 //! schedule (invalid: it measured the tool).
 
+mod alarm;
 mod check;
 mod churn;
 mod cli;
@@ -15,13 +16,13 @@ mod net;
 mod progress;
 mod rate;
 mod report;
-mod sys;
 mod tally;
 mod traffic;
 mod worker;
 
 use clap::Parser;
 use cli::{Cli, Mode};
+use echoloop_load::procfs;
 use line::LineFormat;
 use progress::Bar;
 use report::{Connects, Errors, Latency, Rate, Report, Server, Tool};
@@ -59,13 +60,16 @@ struct Measured {
     server: Option<Server>,
 }
 
-/// CPU seconds this process has used so far.
+/// CPU seconds this process has used so far (all threads, to the
+/// nanosecond: /proc's ticks are too coarse for a one-second window).
 fn own_cpu() -> Option<f64> {
-    sys::cpu_seconds(std::process::id()).ok()
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Some(t.tv_sec as f64 + t.tv_nsec as f64 / 1e9)
 }
 
 fn run(cli: &Cli) -> i32 {
-    let nofile = match sys::raise_nofile_limit() {
+    // The soft open-file limit raised to the hard one.
+    let nofile = match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => n,
         Err(e) => {
             eprintln!("warning: cannot read the open file limit: {e}");
@@ -92,7 +96,7 @@ fn run(cli: &Cli) -> i32 {
     let sources = net::plan_sources(cli.target, cli.conns, cli.sources, cli.spread)
         .unwrap_or_else(|e| Cli::fail(e));
     if let Some(pid) = cli.server_pid
-        && !sys::process_exists(pid)
+        && !procfs::process_exists(pid)
     {
         Cli::fail(format!(
             "--server-pid {pid}: no such process (/proc/{pid}/stat unreadable)"
@@ -243,7 +247,7 @@ fn drive_traffic(
     let pid = cli.server_pid;
     let mut server = pid.map(|pid| Server {
         pid,
-        rss_before_bytes: sys::rss_bytes(pid).ok(),
+        rss_before_bytes: procfs::rss_bytes(pid).ok(),
         ..Server::default()
     });
     let (opened_tx, opened_rx) = mpsc::channel();
@@ -299,14 +303,14 @@ fn drive_traffic(
         return (tally, Measured::default());
     }
     if let (Some(srv), Some(pid)) = (server.as_mut(), pid) {
-        srv.rss_after_open_bytes = sys::rss_bytes(pid).ok();
+        srv.rss_after_open_bytes = procfs::rss_bytes(pid).ok();
     }
 
     let start = Instant::now();
     let mut window_secs = 0.0;
     let mut tool_cpu_secs = None;
     if cli.mode == Mode::Idle {
-        let ctx0 = pid.and_then(|p| sys::context_switches(p).ok());
+        let ctx0 = pid.and_then(|p| procfs::context_switches(p).ok());
         let hold_end = start + cli.hold;
         for tx in &schedule_txs {
             let _ = tx.send(Schedule::Hold {
@@ -314,7 +318,7 @@ fn drive_traffic(
             });
         }
         wait_until(hold_end, bar, progress, "holding idle");
-        let ctx1 = pid.and_then(|p| sys::context_switches(p).ok());
+        let ctx1 = pid.and_then(|p| procfs::context_switches(p).ok());
         if let (Some(srv), Some(a), Some(b)) = (server.as_mut(), ctx0, ctx1)
             && !cli.hold.is_zero()
         {
@@ -333,10 +337,10 @@ fn drive_traffic(
             });
         }
         wait_until(window.from, bar, progress, "warming up");
-        let cpu0 = pid.and_then(|p| sys::cpu_seconds(p).ok());
+        let cpu0 = pid.and_then(|p| procfs::cpu_seconds(p).ok());
         let own0 = own_cpu();
         wait_until(window.to, bar, progress, "measuring");
-        let cpu1 = pid.and_then(|p| sys::cpu_seconds(p).ok());
+        let cpu1 = pid.and_then(|p| procfs::cpu_seconds(p).ok());
         tool_cpu_secs = own0.zip(own_cpu()).map(|(a, b)| b - a);
         window_secs = (window.to - window.from).as_secs_f64();
         if let (Some(srv), Some(a), Some(b)) = (server.as_mut(), cpu0, cpu1) {
@@ -376,7 +380,7 @@ fn drive_connect(
     bar: &Bar,
 ) -> (Tally, Measured) {
     let pid = cli.server_pid;
-    let cpu0 = pid.and_then(|p| sys::cpu_seconds(p).ok());
+    let cpu0 = pid.and_then(|p| procfs::cpu_seconds(p).ok());
     let own0 = own_cpu();
     let start = Instant::now();
     let deadline = start + cli.secs;
@@ -399,7 +403,7 @@ fn drive_connect(
         ));
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let cpu1 = pid.and_then(|p| sys::cpu_seconds(p).ok());
+    let cpu1 = pid.and_then(|p| procfs::cpu_seconds(p).ok());
     let tool_cpu_secs = own0.zip(own_cpu()).map(|(a, b)| b - a);
     let tally = join_all(handles, settings.t0);
     let server = pid.map(|pid| {

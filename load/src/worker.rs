@@ -3,6 +3,7 @@
 //! connection, handle an event, judge replies, close and account). The
 //! modes themselves are sequences of these steps in `traffic` and `churn`.
 
+use crate::alarm::Alarm;
 use crate::check::Verdict;
 use crate::conn::{Conn, ReadEnd};
 use crate::line::{LineFormat, show};
@@ -25,6 +26,8 @@ const READ_BUF: usize = 64 * 1024;
 const MAX_POLL_WAIT: Duration = Duration::from_millis(100);
 /// Events per `poll` call.
 const EVENTS: usize = 1024;
+/// The token of the precise wake-up timer (slots never reach it).
+const ALARM: Token = Token(usize::MAX);
 
 /// Fixed facts of a run, the same for every thread.
 #[derive(Clone, Debug)]
@@ -127,6 +130,8 @@ pub struct Worker {
     pub live: usize,
     progress: Arc<Progress>,
     reported_replies: u64,
+    /// Rate mode: wakes `poll` at the exact `until` of each turn.
+    alarm: Option<Alarm>,
 }
 
 impl Worker {
@@ -152,6 +157,7 @@ impl Worker {
             live: 0,
             progress,
             reported_replies: 0,
+            alarm: None,
         })
     }
 
@@ -245,6 +251,13 @@ impl Worker {
         self.deadlines.front().map(|d| d.2)
     }
 
+    /// From now on, wake each turn at its `until` to the microsecond
+    /// instead of the millisecond (rate mode's schedule).
+    pub fn wake_precisely(&mut self) -> io::Result<()> {
+        self.alarm = Some(Alarm::new(self.poll.registry(), ALARM)?);
+        Ok(())
+    }
+
     /// Waits for events until at most `until` and handles them. Returns the
     /// time after handling.
     pub fn turn(&mut self, until: Instant) -> Instant {
@@ -254,6 +267,15 @@ impl Worker {
         } else {
             Duration::ZERO
         };
+        if let Some(alarm) = &self.alarm
+            && !wait.is_zero()
+            && let Err(e) = alarm.set(now + wait)
+        {
+            let at = self.since_start(now);
+            self.tally
+                .error(ErrorKind::Io, 1, at, || format!("timerfd: {e}"));
+            self.alarm = None;
+        }
         if let Err(e) = self.poll.poll(&mut self.events, Some(wait))
             && e.kind() != io::ErrorKind::Interrupted
         {
@@ -267,6 +289,7 @@ impl Worker {
         let ready: Vec<(usize, bool, bool)> = self
             .events
             .iter()
+            .filter(|ev| ev.token() != ALARM)
             .map(|ev| {
                 let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
                 let writable = ev.is_writable() || ev.is_write_closed() || ev.is_error();
