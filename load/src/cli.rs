@@ -24,6 +24,12 @@ pub enum Mode {
     /// Open --conns connections, one exchange each, hold them idle for
     /// --hold seconds, close.
     Idle,
+    /// --conns good ping-pong clients while --abusers clients of every
+    /// abusive kind hammer the server, each outcome checked against the
+    /// server's promises (told by --idle-timeout, --max-line and
+    /// --max-pending-output); with --server-pid also its memory,
+    /// descriptors and CPU once the load is gone.
+    Soak,
 }
 
 /// c10k load generator for line-echo servers: drives up to tens of
@@ -67,6 +73,26 @@ pub struct Cli {
     /// How long to hold the connections idle in `idle` mode.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub hold: Duration,
+
+    /// In `soak` mode, abusive clients of each kind (reset, slowloris,
+    /// long_line, non_reader, firehose, half_close, random_bytes, vanish).
+    #[arg(long, default_value_t = 2)]
+    pub abusers: usize,
+
+    /// The server's --idle-timeout (`soak` checks that slowloris clients
+    /// are closed by then; `0` = the server never closes idle ones).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// The server's --max-line (`soak` sends longer lines and expects the
+    /// error line): `65536`, `64KiB`, `1MiB`.
+    #[arg(long, default_value = "65536", value_parser = parse_size)]
+    pub max_line: usize,
+
+    /// The server's --max-pending-output (`soak` bounds the server's memory
+    /// under non-reading clients with it).
+    #[arg(long, default_value = "256KiB", value_parser = parse_size)]
+    pub max_pending_output: usize,
 
     /// The reply the server must give: `prefix` (`you said: L!`) or `raw` (echo).
     #[arg(long, value_enum, default_value_t = Proto::Prefix)]
@@ -157,6 +183,26 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// Parses a byte size the way the server does: `65536`, `64KiB`, `1MiB`,
+/// `1GiB` (`K`, `KB`, ... also mean binary multiples).
+fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 65536, 64KiB, 1MiB)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        other => return Err(format!("unknown size unit `{other}` (use KiB, MiB or GiB)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("size `{s}` is too large"))
+}
+
 /// Highest --rate accepted, lines/s: far above what one load process can
 /// send, so only typos are refused.
 const MAX_RATE: f64 = 100_000_000.0;
@@ -201,6 +247,9 @@ impl Cli {
         if self.mode != Mode::Connect && self.secs.is_zero() {
             return Err("--secs must be above 0".into());
         }
+        if self.mode == Mode::Soak && (self.max_line == 0 || self.max_pending_output == 0) {
+            return Err("--max-line and --max-pending-output must be above 0".into());
+        }
         match (self.mode, self.rate) {
             (Mode::Rate, None) => return Err("--mode rate needs --rate LINES_PER_SEC".into()),
             (Mode::Rate, Some(r)) if !(r.is_finite() && r > 0.0 && r <= MAX_RATE) => {
@@ -236,6 +285,16 @@ mod tests {
         assert!(parse_duration("nan").is_err());
         assert!(parse_duration("x").is_err());
         assert!(parse_duration("2d").is_err());
+    }
+
+    #[test]
+    fn sizes_read_like_the_servers() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("2k"), Ok(2048));
+        assert!(parse_size("1 parsec").is_err());
+        assert!(parse_size("KiB").is_err());
     }
 
     #[test]

@@ -100,6 +100,20 @@ impl LineFormat {
     }
 }
 
+/// The reply the server owes for any one received line, `\n` included if
+/// it had one (a final line before EOF may not): SPEC section 1, for lines
+/// of arbitrary bytes rather than this tool's own.
+pub fn reply_to(proto: Proto, line: &[u8]) -> Vec<u8> {
+    match proto {
+        Proto::Raw => line.to_vec(),
+        Proto::Prefix => {
+            let content = line.strip_suffix(b"\n").unwrap_or(line);
+            let content = content.strip_suffix(b"\r").unwrap_or(content);
+            [PREFIX, content, SUFFIX].concat()
+        }
+    }
+}
+
 /// Renders bytes for an error message: printable ASCII as is, the rest
 /// escaped (`\n`, `\x00`), cut after `max` bytes.
 pub fn show(bytes: &[u8], max: usize) -> String {
@@ -158,6 +172,15 @@ mod tests {
         f.push_line(&mut line, 9, 9);
         f.push_reply(&mut reply, 9, 9);
         assert_eq!(line, reply);
+    }
+
+    #[test]
+    fn reply_to_any_line_follows_the_spec() {
+        assert_eq!(reply_to(Proto::Prefix, b"a\r\n"), b"you said: a!\n");
+        assert_eq!(reply_to(Proto::Prefix, b"a\r\r\n"), b"you said: a\r!\n");
+        assert_eq!(reply_to(Proto::Prefix, b"tail"), b"you said: tail!\n");
+        assert_eq!(reply_to(Proto::Raw, b"\x00\xff\r\n"), b"\x00\xff\r\n");
+        assert_eq!(reply_to(Proto::Raw, b"tail"), b"tail");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! bad arguments, 3 for a rate run in which the tool fell behind its own
 //! schedule (invalid: it measured the tool).
 
+mod abuse;
 mod alarm;
 mod check;
 mod churn;
@@ -16,6 +17,7 @@ mod net;
 mod progress;
 mod rate;
 mod report;
+mod soak;
 mod tally;
 mod traffic;
 mod worker;
@@ -123,13 +125,44 @@ fn run(cli: &Cli) -> i32 {
     };
     let progress = Arc::new(Progress::default());
     let bar = Bar::new(cli.quiet);
+    let mut soak = None;
     let (tally, measured) = match cli.mode {
         Mode::Connect => drive_connect(cli, &settings, &progress, &bar),
+        Mode::Soak => {
+            let limits = abuse::Limits {
+                idle_timeout: cli.idle_timeout,
+                max_line: cli.max_line,
+                max_pending_output: cli.max_pending_output,
+            };
+            let until = Instant::now() + cli.warmup + cli.secs;
+            let running = soak::start(
+                cli.target,
+                limits,
+                cli.proto,
+                cli.abusers,
+                cli.conns,
+                until,
+                cli.server_pid,
+            );
+            let (tally, measured) = drive_traffic(cli, &settings, &progress, &bar);
+            bar.set("soak: checking the server".into());
+            let good_max = tally.longest_wait;
+            let unanswered = tally.count(ErrorKind::Missing);
+            soak = Some(soak::finish(running, good_max, unanswered));
+            (tally, measured)
+        }
         _ => drive_traffic(cli, &settings, &progress, &bar),
     };
     bar.finish();
 
-    let report = build_report(cli, sources.len().max(1), &tally, measured);
+    let mut report = build_report(cli, sources.len().max(1), &tally, measured);
+    if let Some(s) = soak {
+        for why in &s.broken {
+            eprintln!("broken [soak] {why}");
+        }
+        report.ok &= s.broken.is_empty();
+        report.soak = Some(s);
+    }
     for line in report::error_lines(&tally) {
         eprintln!("{line}");
     }
@@ -495,5 +528,6 @@ fn build_report(cli: &Cli, sources: usize, tally: &Tally, m: Measured) -> Report
             && tally.connects_attempted < cli.conns as u64
             && stopped_early.is_none(),
         stopped_early,
+        soak: None,
     }
 }

@@ -4,6 +4,7 @@
 
 use crate::cli::Mode;
 use crate::line::Proto;
+use crate::soak::Soak;
 use crate::tally::{ErrorKind, Tally};
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -190,7 +191,10 @@ pub struct Report {
     /// Why the run stopped before its end, when it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stopped_early: Option<String>,
-    /// No error of any kind.
+    /// Soak mode: the abusers and the server-side checks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub soak: Option<Soak>,
+    /// No error of any kind (and, in soak mode, no broken promise).
     pub ok: bool,
 }
 
@@ -266,7 +270,9 @@ impl Report {
         }
         let c = &self.connects;
         match self.mode {
-            Mode::Pingpong | Mode::Pipeline | Mode::Rate if self.stopped_early.is_none() => {
+            Mode::Pingpong | Mode::Pipeline | Mode::Rate | Mode::Soak
+                if self.stopped_early.is_none() =>
+            {
                 if let Some(r) = &self.rate {
                     let _ = writeln!(
                         s,
@@ -328,7 +334,7 @@ impl Report {
                     let _ = writeln!(s, "  exchange latency us {}", latency_row(l));
                 }
             }
-            Mode::Idle | Mode::Pingpong | Mode::Pipeline | Mode::Rate => {
+            Mode::Idle | Mode::Pingpong | Mode::Pipeline | Mode::Rate | Mode::Soak => {
                 let _ = writeln!(
                     s,
                     "  connects            {}/{} established, {:.0}/s",
@@ -366,6 +372,9 @@ impl Report {
                 let _ = writeln!(s, "  server wakeups/s    {w:.2}");
             }
         }
+        if let Some(soak) = &self.soak {
+            soak_rows(&mut s, soak);
+        }
         if self.stopped_by_time_limit {
             let _ = writeln!(
                 s,
@@ -390,6 +399,53 @@ impl Report {
         }
         s
     }
+}
+
+/// The soak section of the table: one row per abuse kind, the server's
+/// side, and the verdict.
+fn soak_rows(s: &mut String, soak: &Soak) {
+    for row in &soak.abuse {
+        if row.clients == 0 {
+            continue;
+        }
+        let verdict = if row.broken == 0 {
+            "ok".to_string()
+        } else {
+            format!("{} BROKEN", row.broken)
+        };
+        let _ = writeln!(
+            s,
+            "  abuse {:<13} {} clients, {} attempts, {verdict}",
+            row.kind, row.clients, row.attempts
+        );
+    }
+    if let Some(srv) = &soak.server {
+        let n = |v: Option<usize>| v.map_or_else(|| "-".into(), |v| v.to_string());
+        let _ = writeln!(
+            s,
+            "  server fds          before {}, peak {}, after {}",
+            n(srv.fds_before),
+            n(srv.fds_peak),
+            n(srv.fds_after)
+        );
+        let _ = writeln!(
+            s,
+            "  server rss          before {}, peak {}, after {} (growth allowed {})",
+            mib(srv.rss_before_bytes),
+            mib(srv.rss_peak_bytes),
+            mib(srv.rss_after_bytes),
+            mib(Some(srv.rss_bound_bytes))
+        );
+        if let Some(c) = srv.quiet_cpu_share {
+            let _ = writeln!(s, "  server quiet cpu    {:.1}% of a core", c * 100.0);
+        }
+    }
+    let verdict = if soak.broken.is_empty() {
+        "every promise kept".to_string()
+    } else {
+        format!("{} broken (see stderr)", soak.broken.len())
+    };
+    let _ = writeln!(s, "  soak                {verdict}");
 }
 
 /// The first few errors, one a line, for stderr.

@@ -126,6 +126,9 @@ pub struct Tally {
     pub lateness: Histogram<u64>,
     /// Rate mode: lines due (and sent) inside the measured window.
     pub window_sent: u64,
+    /// The longest any correct reply took, in or out of the window (soak
+    /// mode's starvation check).
+    pub longest_wait: Duration,
     /// Connections attempted.
     pub connects_attempted: u64,
     /// Connections established.
@@ -153,6 +156,7 @@ impl Default for Tally {
             latency_uncorrected: new_histogram(),
             lateness: new_histogram(),
             window_sent: 0,
+            longest_wait: Duration::ZERO,
             connects_attempted: 0,
             connects_ok: 0,
             connect_latency: new_histogram(),
@@ -207,6 +211,7 @@ impl Tally {
         let _ = self.latency_uncorrected.add(&other.latency_uncorrected);
         let _ = self.lateness.add(&other.lateness);
         self.window_sent += other.window_sent;
+        self.longest_wait = self.longest_wait.max(other.longest_wait);
         self.wrong_proto = self.wrong_proto.or(other.wrong_proto);
         self.connects_attempted += other.connects_attempted;
         self.connects_ok += other.connects_ok;

@@ -7,6 +7,8 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -31,6 +33,32 @@ pub enum Behaviour {
     /// Every reply correct, but the whole server stalls (answers nothing)
     /// from `STALL_FROM` to `STALL_FROM + STALL` after it started.
     Stall,
+    /// A final line without `\n` (before a half-close) gets no reply.
+    DropTail,
+    /// Replies are queued without bound (up to `UNBOUNDED_CAP`) for a
+    /// client that does not read them, by a reader and a writer thread.
+    Unbounded,
+    /// While any connection pipelines (another whole line is waiting when
+    /// one is read), and for `STARVE` after, the others get no reply: a
+    /// firehose starves them.
+    Unfair,
+}
+
+/// How long the `Unfair` server keeps the others waiting after a firehose
+/// batch.
+pub const STARVE: Duration = Duration::from_secs(3);
+
+/// How much the `Unbounded` server queues at most, so a test cannot eat
+/// the machine's memory: far above what a bounded server may hold.
+pub const UNBOUNDED_CAP: usize = 64 << 20;
+
+/// State shared by the connections of one test server.
+#[derive(Debug, Default)]
+struct Shared {
+    /// `Unfair`: no reply to a non-pipelining connection before this.
+    starve_until: Mutex<Option<Instant>>,
+    /// `Unbounded`: reply bytes queued and not yet written, all connections.
+    queued: AtomicUsize,
 }
 
 /// When the `Stall` server stops answering, counted from its start.
@@ -80,13 +108,19 @@ pub fn start(spec: ServerSpec) -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     listener.set_nonblocking(true).unwrap();
     let started = Instant::now();
+    let shared = Arc::new(Shared::default());
     thread::spawn(move || {
         let end = started + SERVER_LIFETIME;
         while Instant::now() < end {
             match listener.accept() {
                 Ok((stream, _)) => {
+                    let shared = shared.clone();
                     thread::spawn(move || {
-                        let _ = serve(stream, spec, started);
+                        let _ = if spec.behaviour == Behaviour::Unbounded {
+                            serve_unbounded(stream, &shared)
+                        } else {
+                            serve(stream, spec, started, &shared)
+                        };
                     });
                 }
                 Err(_) => thread::sleep(Duration::from_millis(2)),
@@ -108,9 +142,47 @@ fn send(stream: &mut TcpStream, bytes: &[u8], one_byte: bool) -> std::io::Result
     }
 }
 
+/// `Unbounded`: a reader thread turns lines into replies on a queue that
+/// only `UNBOUNDED_CAP` limits; a writer thread drains it.
+fn serve_unbounded(stream: TcpStream, shared: &Arc<Shared>) -> std::io::Result<()> {
+    let mut out = stream.try_clone()?;
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    let writer_shared = shared.clone();
+    thread::spawn(move || {
+        for r in rx {
+            writer_shared.queued.fetch_sub(r.len(), Ordering::Relaxed);
+            if out.write_all(&r).is_err() {
+                return;
+            }
+        }
+    });
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut rd = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if rd.read_until(b'\n', &mut line)? == 0 {
+            return Ok(());
+        }
+        while shared.queued.load(Ordering::Relaxed) > UNBOUNDED_CAP {
+            thread::sleep(Duration::from_millis(10));
+        }
+        let r = reply(&line, false);
+        shared.queued.fetch_add(r.len(), Ordering::Relaxed);
+        if tx.send(r).is_err() {
+            return Ok(());
+        }
+    }
+}
+
 /// Serves one connection according to `spec` until EOF, an error, or the
 /// read timeout; the server started at `started`.
-fn serve(stream: TcpStream, spec: ServerSpec, started: Instant) -> std::io::Result<()> {
+fn serve(
+    stream: TcpStream,
+    spec: ServerSpec,
+    started: Instant,
+    shared: &Shared,
+) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -139,6 +211,18 @@ fn serve(stream: TcpStream, spec: ServerSpec, started: Instant) -> std::io::Resu
                 let mid = r.len() / 2;
                 r[mid] ^= 0x20;
             }
+            Behaviour::DropTail if !line.ends_with(b"\n") => continue,
+            Behaviour::Unfair if rd.buffer().contains(&b'\n') => {
+                *shared.starve_until.lock().unwrap() = Some(Instant::now() + STARVE);
+            }
+            Behaviour::Unfair => loop {
+                // Wait while any firehose keeps the server busy.
+                let until = *shared.starve_until.lock().unwrap();
+                match until {
+                    Some(t) if t > Instant::now() => thread::sleep(t - Instant::now()),
+                    _ => break,
+                }
+            },
             Behaviour::Stall => {
                 let (from, to) = (started + STALL_FROM, started + STALL_FROM + STALL);
                 let now = Instant::now();
