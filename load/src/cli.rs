@@ -60,6 +60,12 @@ pub struct Cli {
     #[arg(long)]
     pub rate: Option<f64>,
 
+    /// In `rate` mode, search for the highest rate at which this latency
+    /// bound holds (`p99=5ms`; p50, p90, p99 or p999), starting at --rate,
+    /// in at most 8 runs of --warmup + --secs each.
+    #[arg(long, value_parser = crate::slo::parse, value_name = "PERCENTILE=DURATION")]
+    pub slo: Option<crate::slo::Slo>,
+
     /// In `rate` mode, how late the tool's own sends may be at p99 before
     /// the run is marked invalid (exit status 3).
     #[arg(long, default_value = "5ms", value_parser = parse_duration)]
@@ -249,6 +255,9 @@ impl Cli {
         }
         if self.mode == Mode::Soak && (self.max_line == 0 || self.max_pending_output == 0) {
             return Err("--max-line and --max-pending-output must be above 0".into());
+        }
+        if self.slo.is_some() && self.mode != Mode::Rate {
+            return Err("--slo is for --mode rate (the search starts at --rate)".into());
         }
         match (self.mode, self.rate) {
             (Mode::Rate, None) => return Err("--mode rate needs --rate LINES_PER_SEC".into()),

@@ -17,6 +17,7 @@ mod net;
 mod progress;
 mod rate;
 mod report;
+mod slo;
 mod soak;
 mod tally;
 mod traffic;
@@ -59,6 +60,9 @@ struct Measured {
     window_secs: f64,
     /// This process's CPU over the measured window (connect mode: the run).
     tool_cpu_secs: Option<f64>,
+    /// Rate mode: the rate of the run reported (an SLO search's best step),
+    /// when it is not --rate.
+    asked_rate: Option<f64>,
     server: Option<Server>,
 }
 
@@ -126,8 +130,14 @@ fn run(cli: &Cli) -> i32 {
     let progress = Arc::new(Progress::default());
     let bar = Bar::new(cli.quiet);
     let mut soak = None;
+    let mut slo_report = None;
     let (tally, measured) = match cli.mode {
         Mode::Connect => drive_connect(cli, &settings, &progress, &bar),
+        Mode::Rate if cli.slo.is_some() => {
+            let (tally, measured, found) = drive_slo(cli, &settings, &bar);
+            slo_report = Some(found);
+            (tally, measured)
+        }
         Mode::Soak => {
             let limits = abuse::Limits {
                 idle_timeout: cli.idle_timeout,
@@ -162,6 +172,16 @@ fn run(cli: &Cli) -> i32 {
         }
         report.ok &= s.broken.is_empty();
         report.soak = Some(s);
+    }
+    if let Some(found) = slo_report {
+        if found.best_rate.is_none() {
+            eprintln!(
+                "echoloop-load: no rate tried kept {} (the report is the last step's)",
+                found.bound
+            );
+            report.ok = false;
+        }
+        report.slo = Some(found);
     }
     for line in report::error_lines(&tally) {
         eprintln!("{line}");
@@ -400,9 +420,68 @@ fn drive_traffic(
             connect_secs,
             window_secs,
             tool_cpu_secs,
+            asked_rate: None,
             server,
         },
     )
+}
+
+/// rate --slo: rate runs, each a whole `drive_traffic`, as `slo::Search`
+/// asks; returns the best passing step (else the last one) and the steps.
+fn drive_slo(cli: &Cli, settings: &Settings, bar: &Bar) -> (Tally, Measured, slo::SloReport) {
+    let Some(bound) = cli.slo else {
+        unreachable!("drive_slo runs only with --slo")
+    };
+    let mut search = slo::Search::default();
+    let mut rate = cli.rate.unwrap_or(1.0);
+    let mut steps = Vec::new();
+    let mut best: Option<(f64, Tally, Measured)> = None;
+    let mut last = None;
+    for n in 1..=slo::MAX_STEPS {
+        bar.set(format!("slo step {n}: {rate:.0} lines/s"));
+        let step_settings = Settings {
+            rate_per_conn: Some(rate / cli.conns as f64),
+            ..settings.clone()
+        };
+        let progress = Arc::new(Progress::default());
+        let (tally, m) = drive_traffic(cli, &step_settings, &progress, bar);
+        let at = |h: &hdrhistogram::Histogram<u64>, q: f64| {
+            (!h.is_empty()).then(|| h.value_at_quantile(q) as f64 / 1000.0)
+        };
+        let latency_us = at(&tally.latency, bound.quantile);
+        let valid =
+            at(&tally.lateness, 0.99).is_some_and(|l| l <= cli.max_lateness.as_secs_f64() * 1e6);
+        let passed = tally.total_errors() == 0
+            && valid
+            && latency_us.is_some_and(|l| l <= bound.bound.as_secs_f64() * 1e6);
+        steps.push(slo::Step {
+            rate,
+            latency_us: latency_us.unwrap_or(0.0),
+            errors: tally.total_errors(),
+            valid,
+            passed,
+        });
+        let stopped = tally.wrong_proto.is_some() || tally.connects_ok == 0;
+        let next = search.step(rate, passed);
+        if passed {
+            best = Some((rate, tally, m));
+        } else {
+            last = Some((rate, tally, m));
+        }
+        match next {
+            Some(r) if !stopped => rate = r,
+            _ => break,
+        }
+    }
+    let best_rate = best.as_ref().map(|b| b.0);
+    let (asked, tally, mut m) = best.or(last).expect("the search ran at least one step");
+    m.asked_rate = Some(asked);
+    let found = slo::SloReport {
+        bound: format!("{}={}", bound.name, humantime::format_duration(bound.bound)),
+        steps,
+        best_rate,
+    };
+    (tally, m, found)
 }
 
 /// connect: churn through --conns connections, --concurrency at a time.
@@ -456,6 +535,7 @@ fn drive_connect(
             connect_secs: elapsed,
             window_secs: elapsed,
             tool_cpu_secs,
+            asked_rate: None,
             server,
         },
     )
@@ -477,7 +557,7 @@ fn build_report(cli: &Cli, sources: usize, tally: &Tally, m: Measured) -> Report
             .then(|| per(m.tool_cpu_secs, tally.completed))
             .flatten(),
     };
-    let rate = cli.rate.map(|asked| {
+    let rate = m.asked_rate.or(cli.rate).map(|asked| {
         let lateness_us = Latency::of(&tally.lateness);
         let max_lateness_us = cli.max_lateness.as_secs_f64() * 1e6;
         Rate {
@@ -529,5 +609,6 @@ fn build_report(cli: &Cli, sources: usize, tally: &Tally, m: Measured) -> Report
             && stopped_early.is_none(),
         stopped_early,
         soak: None,
+        slo: None,
     }
 }

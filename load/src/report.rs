@@ -4,6 +4,7 @@
 
 use crate::cli::Mode;
 use crate::line::Proto;
+use crate::slo::SloReport;
 use crate::soak::Soak;
 use crate::tally::{ErrorKind, Tally};
 use hdrhistogram::Histogram;
@@ -194,6 +195,10 @@ pub struct Report {
     /// Soak mode: the abusers and the server-side checks.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub soak: Option<Soak>,
+    /// Rate mode with --slo: the search's steps and the best rate; the
+    /// other figures are the best step's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slo: Option<SloReport>,
     /// No error of any kind (and, in soak mode, no broken promise).
     pub ok: bool,
 }
@@ -374,6 +379,23 @@ impl Report {
         }
         if let Some(soak) = &self.soak {
             soak_rows(&mut s, soak);
+        }
+        if let Some(slo) = &self.slo {
+            for (i, st) in slo.steps.iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "  slo step {:<11} {:.0} lines/s: {:.1} us{}, {}",
+                    i + 1,
+                    st.rate,
+                    st.latency_us,
+                    if st.valid { "" } else { " (tool late)" },
+                    if st.passed { "passed" } else { "failed" }
+                );
+            }
+            let best = slo
+                .best_rate
+                .map_or_else(|| "none".into(), |r| format!("{r:.0} lines/s"));
+            let _ = writeln!(s, "  slo {:<15} highest passing rate {best}", slo.bound);
         }
         if self.stopped_by_time_limit {
             let _ = writeln!(

@@ -1,11 +1,12 @@
 //! `--mode rate`: open-loop load measured from each line's due time. A
 //! server that stalls for a second must show it in the percentiles (not
 //! only in the max, as a closed-loop run does), a run where the tool itself
-//! sends late is invalid (exit 3), and `--hgrm` writes a plottable file.
+//! sends late is invalid (exit 3), `--hgrm` writes a plottable file, and
+//! `--slo` finds a lower rate for a slower server.
 
 mod common;
 
-use common::{Behaviour, STALL, ServerSpec, describe, errors, json, load, start};
+use common::{Behaviour, SLOW_PER_LINE, STALL, ServerSpec, describe, errors, json, load, start};
 use serde_json::Value;
 
 /// A lateness bound that a test machine busy with other tests still keeps
@@ -173,4 +174,53 @@ fn hgrm_file_holds_the_distribution() {
         (last[0] - max_ms).abs() <= 0.01 * max_ms + 0.001,
         "{text}\n{v}"
     );
+}
+
+/// The best rate an SLO search finds against a server with `behaviour`.
+fn slo_best(behaviour: Behaviour) -> f64 {
+    let addr = start(ServerSpec::new(behaviour));
+    let out = load(
+        addr,
+        &[
+            "--mode",
+            "rate",
+            "--rate",
+            "250",
+            "--slo",
+            "p99=100ms",
+            "--conns",
+            "4",
+            "--secs",
+            "0.5",
+            "--warmup",
+            "0.2",
+            "--grace",
+            "1",
+            "--json",
+            "--max-lateness",
+            LENIENT,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let v = json(&out);
+    let slo = &v["slo"];
+    let steps = slo["steps"].as_array().unwrap();
+    assert!((1..=8).contains(&steps.len()), "{slo}");
+    let best = slo["best_rate"].as_f64().unwrap_or_else(|| panic!("{slo}"));
+    // The report's figures are the best step's.
+    assert_eq!(v["rate"]["asked_per_sec"].as_f64(), Some(best), "{v}");
+    assert!(ms(&v["latency_us"], "p99") <= 100.0, "{v}");
+    best
+}
+
+#[test]
+fn slo_search_finds_a_lower_rate_for_a_slower_server() {
+    let slow = slo_best(Behaviour::Slow);
+    let capacity = 1.0 / SLOW_PER_LINE.as_secs_f64();
+    assert!(
+        slow < 1.5 * capacity,
+        "{slow} lines/s passed against a server of {capacity}/s"
+    );
+    let fast = slo_best(Behaviour::Correct);
+    assert!(fast > slow, "fast server {fast}, slow server {slow}");
 }

@@ -33,6 +33,10 @@ pub enum Behaviour {
     /// Every reply correct, but the whole server stalls (answers nothing)
     /// from `STALL_FROM` to `STALL_FROM + STALL` after it started.
     Stall,
+    /// Every reply correct, but the server handles one line at a time over
+    /// all connections and spends `SLOW_PER_LINE` on each: it keeps up with
+    /// at most 1000 lines/s.
+    Slow,
     /// A final line without `\n` (before a half-close) gets no reply.
     DropTail,
     /// Replies are queued without bound (up to `UNBOUNDED_CAP`) for a
@@ -48,6 +52,9 @@ pub enum Behaviour {
 /// batch.
 pub const STARVE: Duration = Duration::from_secs(3);
 
+/// How long the `Slow` server works on each line.
+pub const SLOW_PER_LINE: Duration = Duration::from_millis(1);
+
 /// How much the `Unbounded` server queues at most, so a test cannot eat
 /// the machine's memory: far above what a bounded server may hold.
 pub const UNBOUNDED_CAP: usize = 64 << 20;
@@ -59,6 +66,8 @@ struct Shared {
     starve_until: Mutex<Option<Instant>>,
     /// `Unbounded`: reply bytes queued and not yet written, all connections.
     queued: AtomicUsize,
+    /// `Slow`: held while a line is worked on.
+    one_at_a_time: Mutex<()>,
 }
 
 /// When the `Stall` server stops answering, counted from its start.
@@ -212,6 +221,10 @@ fn serve(
                 r[mid] ^= 0x20;
             }
             Behaviour::DropTail if !line.ends_with(b"\n") => continue,
+            Behaviour::Slow => {
+                let _busy = shared.one_at_a_time.lock().unwrap();
+                thread::sleep(SLOW_PER_LINE);
+            }
             Behaviour::Unfair if rd.buffer().contains(&b'\n') => {
                 *shared.starve_until.lock().unwrap() = Some(Instant::now() + STARVE);
             }
