@@ -130,7 +130,7 @@ impl Checker {
         let max = self.format.max_reply_len();
         let mut rest = data;
         while !rest.is_empty() {
-            match rest.iter().position(|&b| b == b'\n') {
+            match memchr::memchr(b'\n', rest) {
                 Some(i) => {
                     let (line, tail) = rest.split_at(i + 1);
                     rest = tail;

@@ -26,6 +26,19 @@ const READ_BUF: usize = 64 * 1024;
 const MAX_POLL_WAIT: Duration = Duration::from_millis(100);
 /// Events per `poll` call.
 const EVENTS: usize = 1024;
+/// How much reading an event calls for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Read {
+    No,
+    /// New data: a read shorter than the buffer emptied the socket, and
+    /// the next data will raise a new edge, so stop there (one `recv`
+    /// instead of two per event, as tokio does).
+    Data,
+    /// The peer closed or an error is pending, or the read budget ran out
+    /// last turn: read until `WouldBlock` or EOF, since no new edge may come.
+    ToTheEnd,
+}
+
 /// The token of the precise wake-up timer (slots never reach it).
 const ALARM: Token = Token(usize::MAX);
 
@@ -111,6 +124,9 @@ pub struct Worker {
     buf: Vec<u8>,
     /// Connections whose read budget ran out: served again next turn.
     again: Vec<usize>,
+    /// This turn's events as (slot, readable, writable), kept to reuse its
+    /// allocation.
+    ready: Vec<(usize, Read, bool)>,
     /// Connect deadlines in start order: (slot, connection id, deadline).
     deadlines: VecDeque<(usize, u32, Instant)>,
     pub tally: Tally,
@@ -146,6 +162,7 @@ impl Worker {
             free: (0..slots).rev().collect(),
             buf: vec![0; READ_BUF],
             again: Vec::new(),
+            ready: Vec::with_capacity(EVENTS),
             deadlines: VecDeque::new(),
             tally: Tally::default(),
             window: Window { from: t0, to: t0 },
@@ -286,22 +303,31 @@ impl Worker {
             std::thread::sleep(wait);
         }
         let now = Instant::now();
-        let ready: Vec<(usize, bool, bool)> = self
-            .events
-            .iter()
-            .filter(|ev| ev.token() != ALARM)
-            .map(|ev| {
-                let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
-                let writable = ev.is_writable() || ev.is_write_closed() || ev.is_error();
-                (ev.token().0, readable, writable)
-            })
-            .collect();
+        let mut ready = std::mem::take(&mut self.ready);
+        ready.extend(
+            self.events
+                .iter()
+                .filter(|ev| ev.token() != ALARM)
+                .map(|ev| {
+                    let read = if ev.is_read_closed() || ev.is_error() {
+                        Read::ToTheEnd
+                    } else if ev.is_readable() {
+                        Read::Data
+                    } else {
+                        Read::No
+                    };
+                    let writable = ev.is_writable() || ev.is_write_closed() || ev.is_error();
+                    (ev.token().0, read, writable)
+                }),
+        );
         let again = std::mem::take(&mut self.again);
-        for (slot, readable, writable) in ready {
-            self.on_event(slot, readable, writable, now);
+        for &(slot, read, writable) in &ready {
+            self.on_event(slot, read, writable, now);
         }
+        ready.clear();
+        self.ready = ready;
         for slot in again {
-            self.service(slot, true, false, now);
+            self.service(slot, Read::ToTheEnd, false, now);
         }
         let replies = self.tally.replies;
         self.progress
@@ -312,7 +338,7 @@ impl Worker {
     }
 
     /// Handles readiness of the connection in `slot`.
-    fn on_event(&mut self, slot: usize, readable: bool, writable: bool, now: Instant) {
+    fn on_event(&mut self, slot: usize, read: Read, writable: bool, now: Instant) {
         let Some(conn) = self.slots[slot].as_mut() else {
             return;
         };
@@ -336,7 +362,7 @@ impl Worker {
                 }
             }
         }
-        self.service(slot, readable, writable, now);
+        self.service(slot, read, writable, now);
     }
 
     /// Queues `n` lines on the connection in `slot` and writes them.
@@ -347,7 +373,7 @@ impl Worker {
         for _ in 0..n {
             conn.queue_line(&self.settings.format, now, now);
         }
-        self.service(slot, false, true, now);
+        self.service(slot, Read::No, true, now);
     }
 
     /// Rate mode: queues the line due at `due` on the connection in `slot`
@@ -363,18 +389,18 @@ impl Worker {
             self.tally.window_sent += 1;
             record(&mut self.tally.lateness, now.saturating_duration_since(due));
         }
-        self.service(slot, false, true, now);
+        self.service(slot, Read::No, true, now);
     }
 
     /// Reads and judges replies, queues refills, writes, and closes the
     /// connection when it ended or its job is done.
-    fn service(&mut self, slot: usize, readable: bool, writable: bool, now: Instant) {
+    fn service(&mut self, slot: usize, read: Read, writable: bool, now: Instant) {
         let Some(conn) = self.slots[slot].as_mut() else {
             return;
         };
         let mut answered = 0usize;
         let mut end = ReadEnd::Drained;
-        if readable {
+        if read != Read::No {
             let ctx = Judge {
                 id: conn.id,
                 now,
@@ -383,7 +409,8 @@ impl Worker {
                 open_loop: self.open_loop,
             };
             let tally = &mut self.tally;
-            end = conn.read_some(&mut self.buf, READ_BUDGET, |v| {
+            let short_read_drains = read == Read::Data;
+            end = conn.read_some(&mut self.buf, READ_BUDGET, short_read_drains, |v| {
                 if ctx.judge(v, tally) {
                     answered += 1;
                 }
