@@ -570,9 +570,11 @@ impl Judge {
             }
             Verdict::Answered(line) => {
                 tally.replies += 1;
+                let wait = now.saturating_duration_since(line.sent);
+                tally.longest_wait = tally.longest_wait.max(wait);
                 if window.contains(now) {
                     tally.window_replies += 1;
-                    record(&mut tally.latency, now.saturating_duration_since(line.sent));
+                    record(&mut tally.latency, wait);
                 }
                 true
             }
