@@ -7,11 +7,18 @@
 //! the thread is due at `start + n / rate` on connection `n mod conns`, so
 //! every connection has its own evenly spaced schedule, offset from its
 //! neighbours'. Between sends the loop sleeps in `poll` until the next line
-//! is due, woken on time by a timer (`alarm`); the report shows how late
-//! the sends still were.
+//! is due (at least `MIN_SLEEP`), woken on time by a timer (`alarm`); the
+//! report shows how late the sends still were.
 
 use crate::worker::{Close, Window, Worker};
 use std::time::{Duration, Instant};
+
+/// The shortest sleep between two rounds of sends: a line due sooner than
+/// this after the last round waits for the next one (so it may go out up
+/// to this late, which the lateness figures show). Waking for every line
+/// at tens of thousands of lines/s would spend the tool's core switching
+/// contexts; this bounds the timer's wake-ups to 10,000 a second.
+const MIN_SLEEP: Duration = Duration::from_micros(100);
 
 /// When line `n` of a schedule of `rate` lines/s starting at `start` is due.
 fn due(start: Instant, rate: f64, n: u64) -> Instant {
@@ -56,7 +63,11 @@ pub fn traffic(
         if w.live == 0 || (!sending && (now >= deadline || w.outstanding() == 0)) {
             break;
         }
-        now = w.turn(if sending { next } else { deadline });
+        now = w.turn(if sending {
+            next.max(now + MIN_SLEEP)
+        } else {
+            deadline
+        });
     }
     w.close_all(|| Close::Done, now);
 }
