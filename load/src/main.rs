@@ -192,9 +192,6 @@ fn run(cli: &Cli) -> i32 {
             tally.total_errors()
         );
     }
-    if let Some(why) = &report.stopped_early {
-        eprintln!("echoloop-load: {why}");
-    }
     if let Some(path) = &cli.hgrm
         && let Err(e) = hgrm::write(path, &tally.latency)
     {
@@ -211,6 +208,10 @@ fn run(cli: &Cli) -> i32 {
         }
     } else {
         print!("{}", report.table());
+    }
+    // The verdict last, under the table, where a reader's eye ends.
+    if let Some(why) = &report.stopped_early {
+        eprintln!("echoloop-load: {why}");
     }
     match &report.rate {
         _ if !report.ok => 1,

@@ -354,7 +354,9 @@ impl Report {
             let _ = writeln!(s, "  held idle           {h:.2} s");
         }
         let t = &self.tool;
-        if let Some(row) = cpu_row(t.cpu_secs, t.cpu_us_per_reply, t.cpu_us_per_conn) {
+        if let Some(row) = cpu_row(t.cpu_secs, t.cpu_us_per_reply, t.cpu_us_per_conn)
+            && self.stopped_early.is_none()
+        {
             let _ = writeln!(s, "  load tool           {row}");
         }
         if let Some(srv) = &self.server {
@@ -452,7 +454,7 @@ fn soak_rows(s: &mut String, soak: &Soak) {
         );
         let _ = writeln!(
             s,
-            "  server rss          before {}, peak {}, after {} (growth allowed {})",
+            "  server rss peak     before {}, peak {}, after {} (growth allowed {})",
             mib(srv.rss_before_bytes),
             mib(srv.rss_peak_bytes),
             mib(srv.rss_after_bytes),
