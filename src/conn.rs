@@ -236,7 +236,9 @@ impl Buffers {
 /// The loop's spare [`Buffers`]: lent to a connection that holds none for
 /// the length of a turn, and taken back if it holds nothing afterwards. So
 /// a ping-pong client, whose replies always leave in the same turn, never
-/// allocates, and an idle one holds no heap.
+/// allocates, and an idle one holds no heap. An output allocation bigger
+/// than [`SPARE_MAX`] (left by a client that made the server queue a
+/// backlog) is freed rather than kept.
 #[derive(Debug, Default)]
 pub struct Spare(Option<Box<Buffers>>);
 
@@ -260,16 +262,16 @@ impl Spare {
         // Written bytes were `advance`d past: asking for one byte more than
         // the capacity left reclaims all of them, without ever allocating.
         let _ = bufs.out.try_reclaim(bufs.out.capacity() + 1);
-        if self
-            .0
-            .as_ref()
-            .is_none_or(|s| bufs.out.capacity() > s.out.capacity())
-        {
+        let room = bufs.out.capacity();
+        if room <= SPARE_MAX && self.0.as_ref().is_none_or(|s| room > s.out.capacity()) {
             self.0 = Some(bufs);
         }
         None
     }
 }
+
+/// The largest output allocation the spare keeps.
+pub const SPARE_MAX: usize = 64 * 1024;
 
 /// The loop's buffers, lent to the connection being served. Every read
 /// lands in `input` first, so a connection keeps only the bytes it could

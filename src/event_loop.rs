@@ -93,6 +93,12 @@ const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
 /// Events taken from the kernel per `poll`.
 const EVENTS_CAPACITY: usize = 1024;
 
+/// Freed buffer memory is handed back to the system once this much of it
+/// has been freed by closing connections…
+const TRIM_AFTER: usize = 1 << 20;
+/// …and at most this often.
+const TRIM_EVERY: Duration = Duration::from_secs(1);
+
 /// Slab slots reserved up front (address space only): enough for a
 /// million connections per loop.
 const MAX_RESERVED_SLOTS: usize = 1 << 20;
@@ -258,6 +264,24 @@ struct Accepting {
     backoff: Duration,
 }
 
+/// Handing freed memory back to the system after a burst.
+///
+/// glibc keeps what a thread frees in its arena for reuse: after 300
+/// clients that each made the server hold 256 KiB of replies have gone,
+/// the server would stay at its high-water mark for good. So once closes
+/// have freed [`TRIM_AFTER`] bytes of buffers, the loop calls
+/// `malloc_trim(0)`, which returns every free page of every arena; at most
+/// once per [`TRIM_EVERY`], and never because of a line: ping-pong and
+/// pipelining clients reuse the loop's spare buffers and free nothing.
+struct Trimming {
+    /// Buffer bytes freed by closes since the last trim.
+    released: usize,
+    /// When the last trim ran.
+    last: Option<Instant>,
+    /// A trim waiting for [`TRIM_EVERY`] to pass since the last one.
+    due: Option<Instant>,
+}
+
 /// One single-threaded event loop. Build it with [`EventLoop::new`], take a
 /// [`ShutdownHandle`], then [`EventLoop::run`] it on its own thread.
 pub struct EventLoop {
@@ -277,6 +301,8 @@ pub struct EventLoop {
     counting: Counting,
     /// The accept pause.
     accepting: Accepting,
+    /// Returning freed memory.
+    trimming: Trimming,
     /// Set by a [`ShutdownHandle`]; read after the waker fires.
     shutdown_requested: Arc<AtomicBool>,
     /// Once shutting down: when to drop whatever has not finished.
@@ -344,6 +370,11 @@ impl EventLoop {
                 paused_until: None,
                 backoff: ACCEPT_PAUSE_MIN,
             },
+            trimming: Trimming {
+                released: 0,
+                last: None,
+                due: None,
+            },
             shutdown_requested: Arc::new(AtomicBool::new(false)),
             shutdown_deadline: None,
             cfg,
@@ -400,6 +431,7 @@ impl EventLoop {
             self.serve_ready(now);
             self.expire_timers(now);
             self.resume_accepting(now);
+            self.return_memory(now);
             self.counting.publish();
         }
     }
@@ -415,6 +447,7 @@ impl EventLoop {
         [
             timer.and_then(|due| self.conns.clock.start_of(due)),
             self.accepting.paused_until,
+            self.trimming.due,
             self.shutdown_deadline,
         ]
         .into_iter()
@@ -513,6 +546,7 @@ impl EventLoop {
         }
         let mut slot = self.conns.slab.remove(id.key as usize);
         let _ = self.poll.registry().deregister(&mut slot.socket);
+        self.trimming.released += slot.conn.buffered_capacity();
         debug!(
             "{}: closed ({})",
             slot.conn.peer(&slot.socket),
@@ -555,6 +589,30 @@ impl EventLoop {
             let next = slot.conn.handle_timeout(now, &self.conns.timeouts);
             self.settle(id, next);
         }
+    }
+
+    /// Trims the allocator once closes have freed enough (see [`Trimming`]).
+    fn return_memory(&mut self, now: Instant) {
+        let t = &mut self.trimming;
+        if t.released < TRIM_AFTER {
+            return;
+        }
+        if let Some(next) = t.last.map(|last| last + TRIM_EVERY)
+            && now < next
+        {
+            t.due = Some(next);
+            return;
+        }
+        let started = Instant::now();
+        trim_allocator();
+        debug!(
+            "returned free memory to the system after {} KiB of buffers were freed ({:?})",
+            t.released >> 10,
+            started.elapsed()
+        );
+        t.released = 0;
+        t.last = Some(now);
+        t.due = None;
     }
 
     // ----- accepting -------------------------------------------------------
@@ -749,6 +807,19 @@ fn interest(want: Want) -> Interest {
         Want::ReadWrite => Interest::READABLE | Interest::WRITABLE,
     }
 }
+
+/// Returns the allocator's free pages to the system (glibc: every arena).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim_allocator() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Other allocators return memory on their own terms.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_allocator() {}
 
 fn interrupted(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::Interrupted
