@@ -1516,6 +1516,27 @@ mod tests {
     }
 
     #[test]
+    fn open_a_drained_backlog_is_freed_not_kept_as_the_spare() {
+        let mut h = Harness::new();
+        let mut conn = conn_open(&h);
+        // 104 KiB of replies queue up while the client reads nothing…
+        let mut io = Script::new().data(&b"x\n".repeat(8 * 1024)).room(0);
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
+        assert_eq!(conn.pending_output(), 8 * 1024 * said(b"x").len());
+        assert!(conn.buffered_capacity() > SPARE_MAX);
+        // …then it reads them all: the big allocation is not kept.
+        io.room = usize::MAX;
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
+        assert_eq!(io.written.len(), 8 * 1024 * said(b"x").len());
+        assert_eq!(conn.buffered_capacity(), 0);
+        assert!(
+            h.spare.capacity() <= SPARE_MAX + mem::size_of::<Buffers>(),
+            "spare holds {} bytes",
+            h.spare.capacity()
+        );
+    }
+
+    #[test]
     fn open_fin_behind_unread_input_is_not_a_reason_to_skip_lingering() {
         let mut h = Harness::with(Config {
             max_line: 4,

@@ -53,6 +53,15 @@ pub struct ConnId {
     generation: u32,
 }
 
+/// `key.generation`: names a connection in the logs, so that its close
+/// line can be matched with its accept line once the peer is gone (the
+/// address is not kept, and a reset socket no longer knows it).
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.key, self.generation)
+    }
+}
+
 impl ConnId {
     /// Generations stay below 2^31 so a connection token stays below 2^63,
     /// out of the range of the fixed tokens.
@@ -548,7 +557,7 @@ impl EventLoop {
         let _ = self.poll.registry().deregister(&mut slot.socket);
         self.trimming.released += slot.conn.buffered_capacity();
         debug!(
-            "{}: closed ({})",
+            "{} (conn {id}): closed ({})",
             slot.conn.peer(&slot.socket),
             reason.as_str()
         );
@@ -734,7 +743,10 @@ impl EventLoop {
             self.counting.closed(kind, CloseReason::Error);
             return;
         }
-        debug!("{peer}: accepted by loop {} ({kind:?})", self.index);
+        debug!(
+            "{peer} (conn {id}): accepted by loop {} ({kind:?})",
+            self.index
+        );
         let opened = self.conns.clock.at(now);
         entry.insert(Slot {
             conn: Conn::new(kind, opened, &self.conns.timeouts),
