@@ -45,7 +45,9 @@ fn push(c: &mut Client, chunk: &[u8], server: &Server) -> bool {
 #[test]
 fn resident_memory_returns_after_a_burst_of_clients_that_do_not_read() {
     raise_nofile();
-    let server = Server::start(&["--max-connections", "1000"]);
+    // A long idle timeout: paused connections must not be closed for idling
+    // while the burst settles on a slow machine.
+    let server = Server::start(&["--max-connections", "1000", "--idle-timeout", "60s"]);
     // The pre-burst level: a server that has served one client.
     let mut warm = server.connect();
     exchange(&mut warm, b"warm\n", &said(b"warm"));
