@@ -13,8 +13,10 @@
 //!   bytes already in the kernel.
 //!
 //! One turn of [`EventLoop::run`]: compute the timeout (zero with work on
-//! the ready list, else the next timer, else sleep), poll, dispatch each
-//! event by its token, serve the ready list, fire expired timers. This file
+//! the ready list, else the start of the next tick that holds a deadline,
+//! else sleep: an idle server does not wake), poll, dispatch each event by
+//! its token, serve the ready list, fire expired timers, and after a burst
+//! of closes hand freed memory back to the system. This file
 //! is mechanism: what a connection does is `conn.rs`, what a new connection
 //! becomes is `admission.rs`, the limits are `config.rs`. The public surface
 //! is [`EventLoop::new`], [`EventLoop::run`] and a [`ShutdownHandle`].
