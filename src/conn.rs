@@ -54,6 +54,7 @@ use std::io::{self, Write};
 use std::mem;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use crate::metrics::CloseReason;
 
@@ -287,6 +288,8 @@ pub struct Scratch<'a> {
 /// per loop (a deadline is then one addition).
 #[derive(Clone, Copy, Debug)]
 pub struct Timeouts {
+    /// One tick (to say in a log how long a count of ticks was).
+    pub tick: Duration,
     /// `--idle-timeout`, if any.
     pub idle: Option<Span>,
     /// How long a closing connection lingers.
@@ -301,6 +304,7 @@ impl Timeouts {
     /// The configuration's timeouts in `clock`'s ticks.
     pub fn new(cfg: &Config, clock: &Clock) -> Timeouts {
         Timeouts {
+            tick: clock.tick(),
             idle: cfg.idle_timeout.map(|d| clock.span(d)),
             linger: clock.span(cfg.linger_time),
             request: clock.span(cfg.request_timeout),
@@ -465,7 +469,8 @@ impl Conn {
                     CloseReason::Error
                 }
                 _ => {
-                    debug!("idle for {} ticks", now.since(self.last_line));
+                    let ticks = u32::try_from(now.since(self.last_line)).unwrap_or(u32::MAX);
+                    debug!("idle for {:?} (to the tick)", timeouts.tick * ticks);
                     CloseReason::Idle
                 }
             }),
