@@ -43,7 +43,7 @@ fn verdict(buf: &[u8]) -> Option<Verdict> {
 pub fn check_bytes(input: &[u8]) {
     let answer = first_final(input, verdict);
     // The server buffers the longest prefix that is still incomplete.
-    let buffered = answer.map_or(input.len(), |(at, _)| at - 1);
+    let buffered = answer.map_or(input.len(), |(at, _)| at.saturating_sub(1));
     assert!(buffered < MAX_LEN, "{buffered} bytes buffered");
     if input.starts_with(b"PROXY ") {
         assert!(
