@@ -60,15 +60,21 @@ fn replay(target: &str, check: Check) -> (usize, Vec<String>) {
 
 #[test]
 fn every_input_passes_its_targets_checks() {
+    let mut failures = Vec::new();
     for (target, check) in TARGETS {
         let (count, failed) = replay(target, check);
         assert!(count > 0, "no inputs for `{target}`");
-        assert!(
-            failed.is_empty(),
-            "{} of {count} `{target}` inputs fail its checks (panics above): {failed:?}",
-            failed.len()
-        );
+        if !failed.is_empty() {
+            failures.push(format!(
+                "{} of {count} `{target}` inputs: {failed:?}",
+                failed.len()
+            ));
+        }
     }
+    assert!(
+        failures.is_empty(),
+        "checks failed (panics above): {failures:#?}"
+    );
 }
 
 #[test]

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use echoloop::metrics::{self, Counters, MAX_REQUEST_HEAD, Request};
+use echoloop::metrics::{self, Counters, MAX_REQUEST_HEAD, MAX_REQUEST_HEADERS, Request};
 
 use super::prefixes::first_final;
 
@@ -16,7 +16,9 @@ const STATUSES: [u16; 4] = [200, 400, 404, 405];
 /// every split; it answers by the time [`MAX_REQUEST_HEAD`] bytes are in
 /// (nothing more is ever buffered) and by the blank line that ends a head;
 /// the answer is a well-framed HTTP response with status 200, 400, 404 or
-/// 405, and 200 only for `GET /metrics`.
+/// 405; a complete head within the bound gets 400 exactly when it is not
+/// valid HTTP, and 200 exactly when it is `GET /metrics` (with or without a
+/// query).
 pub fn check_request(input: &[u8]) {
     let answer = first_final(input, |buf| match metrics::parse_request(buf) {
         Request::Incomplete => None,
@@ -48,14 +50,30 @@ pub fn check_request(input: &[u8]) {
         // A well-formed request is answered exactly when its head ends.
         assert_eq!(Some(at), end, "{request:?} answered at {at}");
     }
-    if status == 200 {
-        let head = skip_empty_lines(&input[..at]);
-        assert!(
-            head.starts_with(b"GET /metrics ") || head.starts_with(b"GET /metrics?"),
-            "200 for {:?}",
-            String::from_utf8_lossy(head)
+    if let Some(end) = end.filter(|&end| end <= MAX_REQUEST_HEAD) {
+        let head = &input[..end];
+        assert_eq!(
+            status != 400,
+            is_valid(head),
+            "status {status} for {head:?}"
         );
+        if status != 400 {
+            let line = skip_empty_lines(head);
+            let asks = line.starts_with(b"GET /metrics ") || line.starts_with(b"GET /metrics?");
+            assert_eq!(status == 200, asks, "status {status} for {head:?}");
+        }
     }
+}
+
+/// Whether `head`, a whole request head within the size bound, is one the
+/// server must answer as HTTP: `httparse` takes it in full with at most
+/// `MAX_REQUEST_HEADERS` headers. (`parse_request` uses `httparse` too; what
+/// this checks is echoloop's part: the bounds, and that nothing but the
+/// head decides the answer.)
+fn is_valid(head: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    matches!(request.parse(head), Ok(httparse::Status::Complete(n)) if n == head.len())
 }
 
 /// Where a request head in `input` ends, by a model simpler than HTTP's:
