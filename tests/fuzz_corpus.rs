@@ -97,3 +97,20 @@ fn a_changing_answer_is_caught() {
     let steady = checks::prefixes::first_final(b"abc", |buf| (buf.len() >= 2).then_some("final"));
     assert_eq!(steady, Some((2, "final")));
 }
+
+// ----- findings -------------------------------------------------------------
+
+/// Found by `proxy` in its first seconds (`seeds/proxy/v1-unknown-lf-without-cr`):
+/// `ppp` takes a bare LF as the end of a v1 line, which the protocol does
+/// not allow and echoloop refuses. The check now compares with `ppp` only
+/// for CRLF lines; if `ppp` ever refuses this line too, this test says the
+/// comparison can be widened again.
+#[test]
+fn v1_line_ending_in_a_bare_lf_is_refused_though_ppp_takes_it() {
+    let line = b"PROXY UNKNOWN a b c \n";
+    assert!(matches!(
+        echoloop::proxy::parse(line),
+        echoloop::proxy::Parsed::Invalid(_)
+    ));
+    assert!(ppp::v1::Header::try_from(&line[..]).is_ok());
+}
