@@ -46,13 +46,15 @@ use crate::config::Config;
 use crate::line::{self, Framer, Rules, Stop};
 use crate::metrics::{self, Counters};
 use crate::proxy;
+use crate::timer::{Clock, Span, Tick};
 use bytes::{Buf, BytesMut};
 use log::{debug, trace};
+use std::fmt;
 use std::io::{self, Write};
 use std::mem;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
 pub use crate::metrics::CloseReason;
 
@@ -61,20 +63,18 @@ pub use crate::metrics::CloseReason;
 /// slab slot and the timer at once.
 #[derive(Debug, PartialEq, Eq)]
 pub enum State {
-    /// `--proxy-protocol`: collecting the PROXY header in `head`; nothing
-    /// is answered until it parses. Invalid, EOF or `until` closes.
+    /// `--proxy-protocol`: collecting the PROXY header (in the buffers'
+    /// `head`); nothing is answered until it parses. Invalid, EOF or `until`
+    /// closes.
     ProxyHeader {
-        /// The header's bytes so far.
-        head: BytesMut,
         /// The `--proxy-header-timeout` deadline.
-        until: Instant,
+        until: Tick,
     },
-    /// A `--metrics` client: collecting its HTTP request head.
+    /// A `--metrics` client: collecting its HTTP request head (in the
+    /// buffers' `head`).
     Request {
-        /// The request's bytes so far.
-        head: BytesMut,
         /// The request timeout: answered and gone by then.
-        until: Instant,
+        until: Tick,
     },
     /// Reading input, answering each complete line.
     Open {
@@ -99,7 +99,7 @@ pub enum State {
         then: AfterFlush,
         /// A one-answer connection (busy, metrics) is gone by then, idle
         /// timeout or not; `None`: the idle timeout applies.
-        until: Option<Instant>,
+        until: Option<Tick>,
     },
     /// Everything was sent and the write side shut down; input is read and
     /// discarded until EOF, `allowance` bytes or `until`, so that closing
@@ -108,9 +108,9 @@ pub enum State {
         /// Why the connection is closing.
         reason: CloseReason,
         /// When to stop waiting for the client's EOF.
-        until: Instant,
+        until: Tick,
         /// Bytes the client may still send before we close anyway.
-        allowance: usize,
+        allowance: u32,
     },
 }
 
@@ -151,11 +151,39 @@ pub enum Next {
 pub trait Io: io::Read + Write {
     /// Shuts down the write side (TCP FIN), keeping the read side open.
     fn shutdown_write(&mut self) -> io::Result<()>;
+    /// The address at the other end (asked only when a log line names it).
+    fn peer_addr(&self) -> io::Result<SocketAddr>;
 }
 
 impl Io for mio::net::TcpStream {
     fn shutdown_write(&mut self) -> io::Result<()> {
         self.shutdown(std::net::Shutdown::Write)
+    }
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        mio::net::TcpStream::peer_addr(self)
+    }
+}
+
+/// Names a connection's client in a log line: the client a PROXY header
+/// named, else the socket's peer. The address is not kept in the slot (it
+/// is 32 bytes, and only logs need it): `getpeername` is called only when
+/// a log line at an enabled level is formatted.
+pub struct Peer<'a, S: ?Sized> {
+    io: &'a S,
+    client: Option<&'a SocketAddr>,
+}
+
+impl<S: Io + ?Sized> fmt::Display for Peer<'_, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self
+            .client
+            .copied()
+            .map(Ok)
+            .unwrap_or_else(|| self.io.peer_addr())
+        {
+            Ok(addr) => addr.fmt(f),
+            Err(_) => f.write_str("(peer gone)"),
+        }
     }
 }
 
@@ -170,40 +198,117 @@ pub enum Want {
     ReadWrite,
 }
 
-/// The loop's buffers, lent to the connection being served.
-///
-/// This is the one home of the buffer lending. Every read lands in `input`
-/// first, so a connection keeps only the bytes it could not answer yet.
-/// `spare` is an empty output buffer with capacity: a connection whose own
-/// output buffer is empty builds its replies in it, and gives it back once
-/// everything is written. So a ping-pong client, whose replies always leave
-/// in the same turn, never allocates, and an idle one holds no heap.
-pub struct Scratch<'a> {
-    /// The read buffer (one read's worth).
-    pub input: &'a mut [u8],
-    /// The output buffer lent to the connection being served.
-    pub spare: &'a mut BytesMut,
+/// What a connection holds only while it has something in hand: input not
+/// answered yet, replies not written yet, a request or PROXY header being
+/// collected, the client a PROXY header named. Behind one pointer in
+/// [`Conn`] that is null when there is nothing, so an idle connection costs
+/// its slot and no heap (a connection behind a PROXY header keeps this box
+/// for the named client).
+#[derive(Debug, Default)]
+pub struct Buffers {
+    /// Input read but not answered yet.
+    framer: Framer,
+    /// Replies not written yet.
+    out: BytesMut,
+    /// A PROXY header or an HTTP request head being collected.
+    head: BytesMut,
+    /// The client a PROXY header named.
+    client: Option<SocketAddr>,
 }
 
-impl Scratch<'_> {
-    /// Lends the spare to a connection that has no output buffer.
-    fn lend(&mut self, out: &mut BytesMut) {
-        if out.capacity() == 0 {
-            mem::swap(out, self.spare);
-        }
+impl Buffers {
+    /// Holds nothing a connection must keep.
+    fn is_idle(&self) -> bool {
+        self.framer.is_empty()
+            && self.out.is_empty()
+            && self.head.is_empty()
+            && self.client.is_none()
     }
 
-    /// Takes back a drained output buffer, keeping the bigger allocation.
-    fn take_back(&mut self, out: &mut BytesMut) {
-        if !out.is_empty() {
-            return;
+    /// Heap bytes held, the box included.
+    fn capacity(&self) -> usize {
+        mem::size_of::<Buffers>()
+            + self.framer.capacity()
+            + self.out.capacity()
+            + self.head.capacity()
+    }
+}
+
+/// The loop's spare [`Buffers`]: lent to a connection that holds none for
+/// the length of a turn, and taken back if it holds nothing afterwards. So
+/// a ping-pong client, whose replies always leave in the same turn, never
+/// allocates, and an idle one holds no heap. An output allocation bigger
+/// than [`SPARE_MAX`] (left by a client that made the server queue a
+/// backlog) is freed rather than kept.
+#[derive(Debug, Default)]
+pub struct Spare(Option<Box<Buffers>>);
+
+impl Spare {
+    /// Heap bytes held by the spare.
+    pub fn capacity(&self) -> usize {
+        self.0.as_ref().map_or(0, |b| b.capacity())
+    }
+
+    /// Buffers for a connection that holds none.
+    fn lend(&mut self) -> Box<Buffers> {
+        self.0.take().unwrap_or_default()
+    }
+
+    /// What a connection keeps after its turn: its buffers, or nothing if
+    /// they hold nothing (then the bigger output allocation stays here).
+    fn take_back(&mut self, mut bufs: Box<Buffers>) -> Option<Box<Buffers>> {
+        if !bufs.is_idle() {
+            return Some(bufs);
         }
         // Written bytes were `advance`d past: asking for one byte more than
         // the capacity left reclaims all of them, without ever allocating.
-        let mut empty = mem::take(out);
-        let _ = empty.try_reclaim(empty.capacity() + 1);
-        if empty.capacity() > self.spare.capacity() {
-            mem::swap(&mut empty, self.spare);
+        let _ = bufs.out.try_reclaim(bufs.out.capacity() + 1);
+        let room = bufs.out.capacity();
+        if room <= SPARE_MAX && self.0.as_ref().is_none_or(|s| room > s.out.capacity()) {
+            self.0 = Some(bufs);
+        }
+        None
+    }
+}
+
+/// The largest output allocation the spare keeps.
+pub const SPARE_MAX: usize = 64 * 1024;
+
+/// The loop's buffers, lent to the connection being served. Every read
+/// lands in `input` first, so a connection keeps only the bytes it could
+/// not answer yet.
+pub struct Scratch<'a> {
+    /// The read buffer (one read's worth).
+    pub input: &'a mut [u8],
+    /// The buffers lent to a connection that holds none.
+    pub spare: &'a mut Spare,
+}
+
+/// The connection timeouts in ticks of the loop's [`Clock`], computed once
+/// per loop (a deadline is then one addition).
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// One tick (to say in a log how long a count of ticks was).
+    pub tick: Duration,
+    /// `--idle-timeout`, if any.
+    pub idle: Option<Span>,
+    /// How long a closing connection lingers.
+    pub linger: Span,
+    /// How long a metrics or busy client may take.
+    pub request: Span,
+    /// `--proxy-header-timeout`, with `--proxy-protocol`.
+    pub proxy_header: Option<Span>,
+}
+
+impl Timeouts {
+    /// The configuration's timeouts in `clock`'s ticks.
+    pub fn new(cfg: &Config, clock: &Clock) -> Timeouts {
+        Timeouts {
+            tick: clock.tick(),
+            idle: cfg.idle_timeout.map(|d| clock.span(d)),
+            linger: clock.span(cfg.linger_time),
+            request: clock.span(cfg.request_timeout),
+            proxy_header: cfg.proxy_header_timeout.map(|d| clock.span(d)),
         }
     }
 }
@@ -212,8 +317,10 @@ impl Scratch<'_> {
 pub struct Cx<'a> {
     /// Limits and mode.
     pub cfg: &'a Config,
-    /// The time of this turn of the loop.
-    pub now: Instant,
+    /// The timeouts in ticks.
+    pub timeouts: &'a Timeouts,
+    /// The tick of this turn of the loop.
+    pub now: Tick,
     /// Traffic counted this turn (the loop adds it to the metrics).
     pub tally: &'a mut Tally,
     /// Every loop's counters, for a `/metrics` page.
@@ -242,56 +349,53 @@ pub struct Hints {
 
 /// One client connection. Call order: `handle_*`, then ask [`Conn::interest`]
 /// and [`Conn::deadline`] (and act on the [`Next`] it returned).
+///
+/// An idle connection is this and nothing more (the loop's slot adds the
+/// socket and its bookkeeping): the state, one tick, one null pointer.
 #[derive(Debug)]
 pub struct Conn {
     /// What it is doing.
     state: State,
-    /// The peer, for logs (the real client when the PROXY protocol said so).
-    peer: SocketAddr,
-    /// Input read but not answered yet.
-    framer: Framer,
-    /// Replies not written yet.
-    out: BytesMut,
-    /// When the last complete line arrived (or the connection opened).
-    last_line: Instant,
+    /// The tick of the last complete line (or of the opening).
+    last_line: Tick,
+    /// Buffers while it holds anything; `None` when idle.
+    bufs: Option<Box<Buffers>>,
 }
 
 /// The reply to a client over `--max-connections`.
 pub const BUSY_REPLY: &[u8] = b"error: server busy\n";
 
 impl Conn {
-    /// A new connection of `kind` from `peer`, opened at `now`. An echo
-    /// client starts by waiting for a PROXY header when the configuration
-    /// asks for one; a busy client starts with `error: server busy` queued.
-    pub fn new(kind: Kind, peer: SocketAddr, now: Instant, cfg: &Config) -> Conn {
-        let mut out = BytesMut::new();
+    /// A new connection of `kind`, opened at tick `now`. An echo client
+    /// starts by waiting for a PROXY header when the configuration asks for
+    /// one; a busy client starts with `error: server busy` queued.
+    pub fn new(kind: Kind, now: Tick, timeouts: &Timeouts) -> Conn {
+        let mut bufs = None;
         let state = match kind {
-            Kind::Client => match cfg.proxy_header_timeout {
+            Kind::Client => match timeouts.proxy_header {
                 Some(timeout) => State::ProxyHeader {
-                    head: BytesMut::new(),
-                    until: now + timeout,
+                    until: now.after(timeout),
                 },
                 None => State::Open { fin: false },
             },
             Kind::Metrics => State::Request {
-                head: BytesMut::new(),
-                until: now + cfg.request_timeout,
+                until: now.after(timeouts.request),
             },
             Kind::Busy => {
-                out.extend_from_slice(BUSY_REPLY);
+                let mut busy = Box::<Buffers>::default();
+                busy.out.extend_from_slice(BUSY_REPLY);
+                bufs = Some(busy);
                 State::Flushing {
                     reason: CloseReason::Busy,
                     then: AfterFlush::Linger,
-                    until: Some(now + cfg.request_timeout),
+                    until: Some(now.after(timeouts.request)),
                 }
             }
         };
         Conn {
             state,
-            peer,
-            framer: Framer::default(),
-            out,
             last_line: now,
+            bufs,
         }
     }
 
@@ -300,14 +404,18 @@ impl Conn {
         &self.state
     }
 
-    /// The client's address.
-    pub fn peer(&self) -> SocketAddr {
-        self.peer
+    /// Names the client in a log line (the real client when the PROXY
+    /// protocol said so), given the connection's socket.
+    pub fn peer<'a, S: Io + ?Sized>(&'a self, io: &'a S) -> Peer<'a, S> {
+        Peer {
+            io,
+            client: self.bufs.as_ref().and_then(|b| b.client.as_ref()),
+        }
     }
 
     /// Unsent reply bytes.
     pub fn pending_output(&self) -> usize {
-        self.out.len()
+        self.bufs.as_ref().map_or(0, |b| b.out.len())
     }
 
     /// Input bytes read but not answered yet (a PROXY or request head, or
@@ -322,11 +430,7 @@ impl Conn {
 
     /// Heap bytes held by the connection's buffers.
     pub fn buffered_capacity(&self) -> usize {
-        let head = match &self.state {
-            State::ProxyHeader { head, .. } | State::Request { head, .. } => head.capacity(),
-            _ => 0,
-        };
-        head + self.framer.capacity() + self.out.capacity()
+        self.bufs.as_ref().map_or(0, |b| b.capacity())
     }
 
     // ----- "this happened" -------------------------------------------------
@@ -366,16 +470,17 @@ impl Conn {
 
     /// A deadline this connection asked for may have passed. Spurious calls
     /// (early, or for a deadline since moved) are no-ops.
-    pub fn handle_timeout(&mut self, now: Instant, cfg: &Config) -> Next {
-        match self.deadline(cfg) {
+    pub fn handle_timeout(&mut self, now: Tick, timeouts: &Timeouts) -> Next {
+        match self.deadline(timeouts) {
             Some(due) if due <= now => Next::Close(match self.state {
                 State::Lingering { reason, .. } => reason,
                 State::ProxyHeader { .. } => {
-                    debug!("{}: no complete PROXY header in time", self.peer);
+                    debug!("no complete PROXY header in time");
                     CloseReason::Proxy
                 }
                 _ => {
-                    debug!("{}: idle for {:?}", self.peer, now - self.last_line);
+                    let ticks = u32::try_from(now.since(self.last_line)).unwrap_or(u32::MAX);
+                    debug!("idle for {:?} (to the tick)", timeouts.tick * ticks);
                     CloseReason::Idle
                 }
             }),
@@ -392,14 +497,15 @@ impl Conn {
             State::ProxyHeader { .. } | State::Request { .. } | State::Lingering { .. } => {
                 Want::Read
             }
-            State::Open { .. } if self.out.is_empty() => Want::Read,
+            State::Open { .. } if self.pending_output() == 0 => Want::Read,
             State::Open { .. } => Want::ReadWrite,
             State::Paused { .. } | State::Flushing { .. } => Want::Write,
         }
     }
 
-    /// When [`Conn::handle_timeout`] should next be called, if ever.
-    pub fn deadline(&self, cfg: &Config) -> Option<Instant> {
+    /// The tick at which [`Conn::handle_timeout`] should next be called, if
+    /// ever.
+    pub fn deadline(&self, timeouts: &Timeouts) -> Option<Tick> {
         match self.state {
             State::ProxyHeader { until, .. }
             | State::Request { until, .. }
@@ -408,15 +514,15 @@ impl Conn {
                 until: Some(until), ..
             } => Some(until),
             State::Open { .. } | State::Paused { .. } | State::Flushing { until: None, .. } => {
-                cfg.idle_timeout.map(|idle| self.last_line + idle)
+                timeouts.idle.map(|idle| self.last_line.after(idle))
             }
         }
     }
 
     // ----- the machine ---------------------------------------------------------
 
-    /// One turn: borrow the spare output buffer, drive the machine, give
-    /// the buffer back, count the bytes read.
+    /// One turn: borrow the spare buffers if it holds none, drive the
+    /// machine, give them back if it holds nothing, count the bytes read.
     fn turn(
         &mut self,
         io: &mut impl Io,
@@ -426,17 +532,23 @@ impl Conn {
         scratch: &mut Scratch,
         cx: &mut Cx,
     ) -> Next {
-        scratch.lend(&mut self.out);
+        let mut bufs = self.bufs.take().unwrap_or_else(|| scratch.spare.lend());
         let mut reader = Reader::new(scratch.input, hints, budget, shutdown);
-        let next = self.drive(io, &mut reader, cx);
+        let next = self.drive(io, &mut reader, &mut bufs, cx);
         cx.tally.received += reader.received as u64;
-        scratch.take_back(&mut self.out);
+        self.bufs = scratch.spare.take_back(bufs);
         next
     }
 
     /// The state machine: the only place the state changes. Each arm takes
     /// one step and says where to go; the turn ends when an arm is done.
-    fn drive(&mut self, io: &mut impl Io, reader: &mut Reader, cx: &mut Cx) -> Next {
+    fn drive(
+        &mut self,
+        io: &mut impl Io,
+        reader: &mut Reader,
+        bufs: &mut Buffers,
+        cx: &mut Cx,
+    ) -> Next {
         let rules = Rules {
             mode: cx.cfg.mode,
             max_line: cx.cfg.max_line,
@@ -450,11 +562,12 @@ impl Conn {
                 State::ProxyHeader { .. } if shutdown => {
                     Step::Done(Next::Close(CloseReason::Shutdown))
                 }
-                State::ProxyHeader { ref mut head, .. } => match reader.read(io, reader.fin) {
-                    Read::Data(data) => match take_header(head, data, &mut self.peer) {
+                State::ProxyHeader { .. } => match reader.read(io, reader.fin) {
+                    Read::Data(data) => match take_header(&mut bufs.head, data, &mut bufs.client) {
                         Header::Incomplete => Step::Stay,
                         Header::Invalid => Step::Done(Next::Close(CloseReason::Proxy)),
                         Header::Done { rest } => {
+                            bufs.head = BytesMut::new();
                             reader.unread(rest);
                             Step::Go(State::Open { fin: false })
                         }
@@ -462,7 +575,7 @@ impl Conn {
                     Read::Dry => Step::Done(Next::Keep),
                     Read::Later => Step::Done(Next::Again),
                     Read::Eof => {
-                        debug!("{}: EOF before a PROXY header", self.peer);
+                        debug!("{}: EOF before a PROXY header", who(io, bufs));
                         Step::Done(Next::Close(CloseReason::Proxy))
                     }
                     Read::Failed(reason) => Step::Done(Next::Close(reason)),
@@ -470,16 +583,14 @@ impl Conn {
 
                 // Request: collect the head, queue the page (or an error).
                 State::Request { .. } if shutdown => Step::Done(Next::Close(CloseReason::Shutdown)),
-                State::Request {
-                    ref mut head,
-                    until,
-                } => match reader.read(io, reader.fin) {
+                State::Request { until } => match reader.read(io, reader.fin) {
                     Read::Data(data) => {
-                        head.extend_from_slice(data);
-                        match metrics::response(metrics::parse_request(head), cx.metrics) {
+                        bufs.head.extend_from_slice(data);
+                        match metrics::response(metrics::parse_request(&bufs.head), cx.metrics) {
                             None => Step::Stay,
                             Some(response) => {
-                                self.out.extend_from_slice(&response);
+                                bufs.head = BytesMut::new();
+                                bufs.out.extend_from_slice(&response);
                                 Step::Go(State::Flushing {
                                     reason: CloseReason::Eof,
                                     then: AfterFlush::Linger,
@@ -499,7 +610,7 @@ impl Conn {
                 State::Open { fin: false } if reader.fin => Step::Go(State::Open { fin: true }),
                 State::Open { fin } => match reader.read(io, fin) {
                     Read::Data(data) => {
-                        let framed = self.framer.push(data, rules, &mut self.out);
+                        let framed = bufs.framer.push(data, rules, &mut bufs.out);
                         self.count_lines(framed.lines, cx);
                         match framed.stop {
                             Stop::Incomplete => Step::Stay,
@@ -508,14 +619,14 @@ impl Conn {
                                 then: Resume::Read,
                             }),
                             Stop::TooLong => {
-                                self.out
+                                bufs.out
                                     .extend_from_slice(&line::too_long_error(rules.max_line));
                                 Step::Go(closing(CloseReason::TooLong))
                             }
                         }
                     }
                     Read::Eof => {
-                        let lines = self.framer.finish(rules.mode, &mut self.out);
+                        let lines = bufs.framer.finish(rules.mode, &mut bufs.out);
                         cx.tally.lines += lines as u64;
                         Step::Go(State::Flushing {
                             reason: CloseReason::Eof,
@@ -526,7 +637,7 @@ impl Conn {
                     Read::Failed(reason) => Step::Done(Next::Close(reason)),
                     // Shutdown: an unfinished line is not a line yet.
                     Read::Dry | Read::Later if shutdown => {
-                        self.framer.clear();
+                        bufs.framer.clear();
                         Step::Go(closing(CloseReason::Shutdown))
                     }
                     // The reads are done: all their replies leave in one go.
@@ -536,7 +647,7 @@ impl Conn {
                         } else {
                             Next::Keep
                         };
-                        match write_out(io, &mut self.out, cx.tally, self.peer) {
+                        match write_out(io, &mut bufs.out, cx.tally, bufs.client) {
                             Wrote::Failed(reason) => Step::Done(Next::Close(reason)),
                             Wrote::All | Wrote::Blocked => Step::Done(next),
                         }
@@ -555,18 +666,18 @@ impl Conn {
                     then: Resume::Finish,
                 }),
                 State::Paused { fin, then } => {
-                    match write_out(io, &mut self.out, cx.tally, self.peer) {
+                    match write_out(io, &mut bufs.out, cx.tally, bufs.client) {
                         Wrote::Failed(reason) => Step::Done(Next::Close(reason)),
-                        _ if self.out.len() >= rules.max_output.div_ceil(2) => {
+                        _ if bufs.out.len() >= rules.max_output.div_ceil(2) => {
                             Step::Done(Next::Keep)
                         }
                         _ => {
-                            let framed = self.framer.resume(rules, &mut self.out);
+                            let framed = bufs.framer.resume(rules, &mut bufs.out);
                             self.count_lines(framed.lines, cx);
                             match (framed.stop, then) {
                                 (Stop::Full, _) => Step::Stay,
                                 (Stop::TooLong, _) => {
-                                    self.out
+                                    bufs.out
                                         .extend_from_slice(&line::too_long_error(rules.max_line));
                                     Step::Go(closing(CloseReason::TooLong))
                                 }
@@ -575,7 +686,7 @@ impl Conn {
                                     Step::Go(State::Open { fin })
                                 }
                                 (Stop::Incomplete, Resume::Finish) => {
-                                    self.framer.clear();
+                                    bufs.framer.clear();
                                     Step::Go(closing(CloseReason::Shutdown))
                                 }
                             }
@@ -585,15 +696,15 @@ impl Conn {
 
                 // Flushing: write; once empty, close or linger.
                 State::Flushing { reason, then, .. } => {
-                    match write_out(io, &mut self.out, cx.tally, self.peer) {
+                    match write_out(io, &mut bufs.out, cx.tally, bufs.client) {
                         Wrote::Failed(reason) => Step::Done(Next::Close(reason)),
                         Wrote::Blocked => Step::Done(Next::Keep),
                         Wrote::All if then == AfterFlush::Close => Step::Done(Next::Close(reason)),
                         Wrote::All => match io.shutdown_write() {
                             Ok(()) => Step::Go(State::Lingering {
                                 reason,
-                                until: cx.now + cx.cfg.linger_time,
-                                allowance: cx.cfg.linger_bytes,
+                                until: cx.now.after(cx.timeouts.linger),
+                                allowance: u32::try_from(cx.cfg.linger_bytes).unwrap_or(u32::MAX),
                             }),
                             Err(_) => Step::Done(Next::Close(reason)),
                         },
@@ -617,16 +728,16 @@ impl Conn {
             };
             match step {
                 Step::Stay => {}
-                Step::Go(next) => self.set_state(next),
+                Step::Go(next) => self.set_state(next, who(io, bufs)),
                 Step::Done(next) => return next,
             }
         }
     }
 
     /// The only writer of `state`; logs each real change.
-    fn set_state(&mut self, new: State) {
+    fn set_state(&mut self, new: State, who: impl fmt::Display) {
         if new != self.state {
-            trace!("{}: {:?} -> {:?}", self.peer, self.state, new);
+            trace!("{who}: {:?} -> {:?}", self.state, new);
         }
         self.state = new;
     }
@@ -648,6 +759,14 @@ enum Step {
     Go(State),
     /// The turn is over.
     Done(Next),
+}
+
+/// Names the client of the connection being driven, for a log line.
+fn who<'a, S: Io>(io: &'a S, bufs: &'a Buffers) -> Peer<'a, S> {
+    Peer {
+        io,
+        client: bufs.client.as_ref(),
+    }
 }
 
 /// The state after an error line or a shutdown: flush, then linger.
@@ -672,22 +791,22 @@ enum Header {
 }
 
 /// Collects PROXY header bytes (headers may arrive split over any number
-/// of reads) and, once parsed, names the real client in `peer`.
-fn take_header(head: &mut BytesMut, data: &[u8], peer: &mut SocketAddr) -> Header {
+/// of reads) and, once parsed, keeps the real client in `client`.
+fn take_header(head: &mut BytesMut, data: &[u8], client: &mut Option<SocketAddr>) -> Header {
     head.extend_from_slice(data);
     match proxy::parse(head) {
         proxy::Parsed::Incomplete => Header::Incomplete,
         proxy::Parsed::Invalid(why) => {
-            debug!("{peer}: invalid PROXY header: {why}");
+            debug!("invalid PROXY header: {why}");
             Header::Invalid
         }
         proxy::Parsed::Done { len, source } => {
             match source {
-                Some(client) => {
-                    debug!("{peer}: PROXY header names client {client}");
-                    *peer = client;
+                Some(named) => {
+                    debug!("PROXY header names client {named}");
+                    *client = Some(named);
                 }
-                None => debug!("{peer}: PROXY health check (LOCAL/UNKNOWN)"),
+                None => debug!("PROXY health check (LOCAL/UNKNOWN)"),
             }
             Header::Done {
                 rest: head.len() - len,
@@ -819,7 +938,12 @@ enum Wrote {
 }
 
 /// Writes queued replies until none are left or the socket is full.
-fn write_out(io: &mut impl Io, out: &mut BytesMut, tally: &mut Tally, peer: SocketAddr) -> Wrote {
+fn write_out(
+    io: &mut impl Io,
+    out: &mut BytesMut,
+    tally: &mut Tally,
+    client: Option<SocketAddr>,
+) -> Wrote {
     while !out.is_empty() {
         match io.write(out) {
             Ok(0) => return Wrote::Failed(CloseReason::Error),
@@ -831,6 +955,10 @@ fn write_out(io: &mut impl Io, out: &mut BytesMut, tally: &mut Tally, peer: Sock
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Wrote::Blocked,
             Err(e) if is_reset(&e) => return Wrote::Failed(CloseReason::Reset),
             Err(e) => {
+                let peer = Peer {
+                    io: &*io,
+                    client: client.as_ref(),
+                };
                 debug!("{peer}: write failed: {e}");
                 return Wrote::Failed(CloseReason::Error);
             }
@@ -842,13 +970,14 @@ fn write_out(io: &mut impl Io, out: &mut BytesMut, tally: &mut Tally, peer: Sock
 /// The outcome of [`discard`].
 enum Discarded {
     /// The socket is drained for now; this many bytes may still come.
-    Waiting(usize),
+    Waiting(u32),
     /// EOF, an error, or the allowance is spent: time to close.
     Finished,
 }
 
 /// Reads and drops input until `WouldBlock`, EOF or `allowance` bytes.
-fn discard(io: &mut impl Io, buf: &mut [u8], mut allowance: usize) -> Discarded {
+fn discard(io: &mut impl Io, buf: &mut [u8], allowance: u32) -> Discarded {
+    let mut allowance = allowance as usize;
     loop {
         let want = buf.len().min(allowance.max(1));
         match io.read(&mut buf[..want]) {
@@ -857,7 +986,7 @@ fn discard(io: &mut impl Io, buf: &mut [u8], mut allowance: usize) -> Discarded 
             Ok(n) => allowance -= n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                return Discarded::Waiting(allowance);
+                return Discarded::Waiting(allowance as u32);
             }
             Err(_) => return Discarded::Finished,
         }
@@ -947,14 +1076,19 @@ mod tests {
             self.shut = true;
             Ok(())
         }
+        fn peer_addr(&self) -> io::Result<SocketAddr> {
+            Ok(peer())
+        }
     }
 
     /// The loop's side of a test: config, clock, buffers.
     struct Harness {
         cfg: Config,
-        now: Instant,
+        clock: Clock,
+        timeouts: Timeouts,
+        now: Tick,
         input: Vec<u8>,
-        spare: BytesMut,
+        spare: Spare,
         tally: Tally,
     }
 
@@ -963,13 +1097,27 @@ mod tests {
             Harness::with(Config::default())
         }
         fn with(cfg: Config) -> Harness {
+            let clock = Clock::new(cfg.timer_tick(), std::time::Instant::now());
             Harness {
+                timeouts: Timeouts::new(&cfg, &clock),
                 cfg,
-                now: Instant::now(),
+                clock,
+                now: Tick::FIRST,
                 input: vec![0; 4096],
-                spare: BytesMut::new(),
+                spare: Spare::default(),
                 tally: Tally::default(),
             }
+        }
+        /// The first tick by which `d` has surely passed since any moment
+        /// of the current tick.
+        fn later(&self, d: Duration) -> Tick {
+            self.now.after(self.clock.span(d))
+        }
+        fn new_conn(&self, kind: Kind) -> Conn {
+            Conn::new(kind, self.now, &self.timeouts)
+        }
+        fn deadline(&self, conn: &Conn) -> Option<Tick> {
+            conn.deadline(&self.timeouts)
         }
         /// One readiness event. The poller flags `read_closed` when the
         /// client's FIN is queued, as epoll's EPOLLRDHUP does.
@@ -986,7 +1134,7 @@ mod tests {
             conn.handle_shutdown(io, &mut scratch, &mut cx)
         }
         fn timeout(&mut self, conn: &mut Conn) -> Next {
-            conn.handle_timeout(self.now, &self.cfg)
+            conn.handle_timeout(self.now, &self.timeouts)
         }
         fn parts(&mut self) -> (Scratch<'_>, Cx<'_>) {
             let scratch = Scratch {
@@ -995,14 +1143,16 @@ mod tests {
             };
             let cx = Cx {
                 cfg: &self.cfg,
+                timeouts: &self.timeouts,
                 now: self.now,
                 tally: &mut self.tally,
                 metrics: &[],
             };
             (scratch, cx)
         }
+        /// Moves the clock on until `by` has surely passed.
         fn advance(&mut self, by: Duration) {
-            self.now += by;
+            self.now = self.later(by);
         }
     }
 
@@ -1030,19 +1180,19 @@ mod tests {
     }
 
     fn conn_open(h: &Harness) -> Conn {
-        let conn = Conn::new(Kind::Client, peer(), h.now, &h.cfg);
+        let conn = h.new_conn(Kind::Client);
         assert_eq!(conn.state(), &State::Open { fin: false });
         conn
     }
 
     fn conn_proxy_header(h: &Harness) -> Conn {
-        let conn = Conn::new(Kind::Client, peer(), h.now, &h.cfg);
+        let conn = h.new_conn(Kind::Client);
         assert!(matches!(conn.state(), State::ProxyHeader { .. }));
         conn
     }
 
     fn conn_request(h: &Harness) -> Conn {
-        let conn = Conn::new(Kind::Metrics, peer(), h.now, &h.cfg);
+        let conn = h.new_conn(Kind::Metrics);
         assert!(matches!(conn.state(), State::Request { .. }));
         conn
     }
@@ -1112,7 +1262,7 @@ mod tests {
         let mut conn = conn_proxy_header(&h);
         let mut io = Script::new().data(b"PROXY TCP4 10.0.0.1 10.0.0.2 5000 80\r\nhi\nthere");
         assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
-        assert_eq!(conn.peer(), "10.0.0.1:5000".parse().unwrap());
+        assert_eq!(conn.peer(&io).to_string(), "10.0.0.1:5000");
         assert_eq!(io.written, said(b"hi"));
         assert_eq!(
             h.tally.received, 46,
@@ -1148,7 +1298,7 @@ mod tests {
     fn proxy_header_late_or_cut_short_closes() {
         let mut h = Harness::with(proxy_config());
         let mut conn = conn_proxy_header(&h);
-        assert_eq!(conn.deadline(&h.cfg), Some(h.now + Duration::from_secs(5)));
+        assert_eq!(h.deadline(&conn), Some(h.later(Duration::from_secs(5))));
         h.advance(Duration::from_secs(5));
         assert_eq!(h.timeout(&mut conn), Next::Close(CloseReason::Proxy));
         let mut conn = conn_proxy_header(&h);
@@ -1177,7 +1327,7 @@ mod tests {
         assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
         assert!(io.written.starts_with(b"HTTP/1.1 200"));
         assert!(io.shut);
-        assert_eq!(conn.deadline(&h.cfg), Some(h.now + h.cfg.linger_time));
+        assert_eq!(h.deadline(&conn), Some(h.later(h.cfg.linger_time)));
         io.more(b"");
         assert_eq!(h.io(&mut conn, &mut io), Next::Close(CloseReason::Eof));
     }
@@ -1282,6 +1432,9 @@ mod tests {
             fn shutdown_write(&mut self) -> io::Result<()> {
                 Ok(())
             }
+            fn peer_addr(&self) -> io::Result<SocketAddr> {
+                Err(io::ErrorKind::NotConnected.into())
+            }
         }
         let (mut scratch, mut cx) = h.parts();
         let next = conn.handle_io(&mut Broken, Hints::default(), &mut scratch, &mut cx);
@@ -1375,6 +1528,27 @@ mod tests {
         io.more(b"again\n");
         assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
         assert_eq!(h.spare.capacity(), lent, "written bytes are reclaimed");
+    }
+
+    #[test]
+    fn open_a_drained_backlog_is_freed_not_kept_as_the_spare() {
+        let mut h = Harness::new();
+        let mut conn = conn_open(&h);
+        // 104 KiB of replies queue up while the client reads nothing…
+        let mut io = Script::new().data(&b"x\n".repeat(8 * 1024)).room(0);
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
+        assert_eq!(conn.pending_output(), 8 * 1024 * said(b"x").len());
+        assert!(conn.buffered_capacity() > SPARE_MAX);
+        // …then it reads them all: the big allocation is not kept.
+        io.room = usize::MAX;
+        assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
+        assert_eq!(io.written.len(), 8 * 1024 * said(b"x").len());
+        assert_eq!(conn.buffered_capacity(), 0);
+        assert!(
+            h.spare.capacity() <= SPARE_MAX + mem::size_of::<Buffers>(),
+            "spare holds {} bytes",
+            h.spare.capacity()
+        );
     }
 
     #[test]
@@ -1560,7 +1734,7 @@ mod tests {
     #[test]
     fn flushing_busy_sends_its_line_then_lingers_until_eof() {
         let mut h = Harness::new();
-        let mut conn = Conn::new(Kind::Busy, peer(), h.now, &h.cfg);
+        let mut conn = h.new_conn(Kind::Busy);
         let mut io = Script::new().data(b"hello\n");
         assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
         assert_eq!(io.written, BUSY_REPLY);
@@ -1575,10 +1749,10 @@ mod tests {
             idle_timeout: None,
             ..Config::default()
         });
-        let mut conn = Conn::new(Kind::Busy, peer(), h.now, &h.cfg);
+        let mut conn = h.new_conn(Kind::Busy);
         let mut io = Script::new().room(0);
         assert_eq!(h.io(&mut conn, &mut io), Next::Keep);
-        assert_eq!(conn.deadline(&h.cfg), Some(h.now + h.cfg.request_timeout));
+        assert_eq!(h.deadline(&conn), Some(h.later(h.cfg.request_timeout)));
     }
 
     // ----- Lingering --------------------------------------------------------
@@ -1598,7 +1772,7 @@ mod tests {
     fn lingering_is_bounded_in_time() {
         let mut h = Harness::with(max_line_2());
         let (mut conn, _io) = conn_lingering(&mut h);
-        assert_eq!(conn.deadline(&h.cfg), Some(h.now + h.cfg.linger_time));
+        assert_eq!(h.deadline(&conn), Some(h.later(h.cfg.linger_time)));
         h.advance(h.cfg.linger_time);
         assert_eq!(h.timeout(&mut conn), Next::Close(CloseReason::TooLong));
     }

@@ -13,8 +13,10 @@
 //!   bytes already in the kernel.
 //!
 //! One turn of [`EventLoop::run`]: compute the timeout (zero with work on
-//! the ready list, else the next timer, else sleep), poll, dispatch each
-//! event by its token, serve the ready list, fire expired timers. This file
+//! the ready list, else the start of the next tick that holds a deadline,
+//! else sleep: an idle server does not wake), poll, dispatch each event by
+//! its token, serve the ready list, fire expired timers, and after a burst
+//! of closes hand freed memory back to the system. This file
 //! is mechanism: what a connection does is `conn.rs`, what a new connection
 //! becomes is `admission.rs`, the limits are `config.rs`. The public surface
 //! is [`EventLoop::new`], [`EventLoop::run`] and a [`ShutdownHandle`].
@@ -27,11 +29,12 @@
 
 use crate::admission::{self, Counts, Decision, Kind, Limits, Service};
 use crate::config::{Config, MAX_LINGERING_BUSY, MAX_METRICS_CONNS};
-use crate::conn::{BUSY_REPLY, CloseReason, Conn, Cx, Hints, Next, Scratch, Tally, Want};
+use crate::conn::{
+    BUSY_REPLY, CloseReason, Conn, Cx, Hints, Next, Scratch, Spare, Tally, Timeouts, Want,
+};
 use crate::listener::{self, Accepted};
 use crate::metrics::{self, Counters};
-use crate::timer::Timer;
-use bytes::BytesMut;
+use crate::timer::{Clock, Tick, Timer};
 use log::{debug, error, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -50,6 +53,15 @@ compile_error!("echoloop packs a slab key and a generation into a 64-bit token")
 pub struct ConnId {
     key: u32,
     generation: u32,
+}
+
+/// `key.generation`: names a connection in the logs, so that its close
+/// line can be matched with its accept line once the peer is gone (the
+/// address is not kept, and a reset socket no longer knows it).
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.key, self.generation)
+    }
 }
 
 impl ConnId {
@@ -91,6 +103,16 @@ const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
 
 /// Events taken from the kernel per `poll`.
 const EVENTS_CAPACITY: usize = 1024;
+
+/// Freed buffer memory is handed back to the system once this much of it
+/// has been freed by closing connections…
+const TRIM_AFTER: usize = 1 << 20;
+/// …and at most this often.
+const TRIM_EVERY: Duration = Duration::from_secs(1);
+
+/// Slab slots reserved up front (address space only): enough for a
+/// million connections per loop.
+const MAX_RESERVED_SLOTS: usize = 1 << 20;
 
 /// Asks a running loop to shut down gracefully, from any thread.
 #[derive(Clone)]
@@ -137,22 +159,24 @@ struct Listener {
     service: Service,
 }
 
-/// A connection in the slab with the loop's bookkeeping for it.
+/// A connection in the slab with the loop's bookkeeping for it: all an
+/// idle connection costs in user space, besides its timer entry (see the
+/// size test at the bottom).
 struct Slot {
-    /// The socket; dropping the slot closes it.
-    socket: TcpStream,
     /// The protocol state machine.
     conn: Conn,
-    /// What the connection is to the server (how it is counted).
-    kind: Kind,
-    /// Distinguishes this owner of the slab key from earlier ones.
-    generation: u32,
-    /// The interest currently registered with the poll.
-    registered: Want,
     /// The deadline of this connection's live timer entry, if one is
     /// armed; entries for another deadline are stale and ignored when they
     /// fire.
-    armed: Option<Instant>,
+    armed: Option<Tick>,
+    /// The socket; dropping the slot closes it.
+    socket: TcpStream,
+    /// Distinguishes this owner of the slab key from earlier ones.
+    generation: u32,
+    /// What the connection is to the server (how it is counted).
+    kind: Kind,
+    /// The interest currently registered with the poll.
+    registered: Want,
     /// On the ready list already.
     queued: bool,
 }
@@ -166,6 +190,10 @@ struct Conns {
     ready: Vec<ConnId>,
     /// Idle, linger and request deadlines.
     timer: Timer<ConnId>,
+    /// Real time in the timer's ticks.
+    clock: Clock,
+    /// The timeouts in those ticks.
+    timeouts: Timeouts,
     /// The generation given to the next connection.
     next_generation: u32,
 }
@@ -250,6 +278,24 @@ struct Accepting {
     backoff: Duration,
 }
 
+/// Handing freed memory back to the system after a burst.
+///
+/// glibc keeps what a thread frees in its arena for reuse: after 300
+/// clients that each made the server hold 256 KiB of replies have gone,
+/// the server would stay at its high-water mark for good. So once closes
+/// have freed [`TRIM_AFTER`] bytes of buffers, the loop calls
+/// `malloc_trim(0)`, which returns every free page of every arena; at most
+/// once per [`TRIM_EVERY`], and never because of a line: ping-pong and
+/// pipelining clients reuse the loop's spare buffers and free nothing.
+struct Trimming {
+    /// Buffer bytes freed by closes since the last trim.
+    released: usize,
+    /// When the last trim ran.
+    last: Option<Instant>,
+    /// A trim waiting for [`TRIM_EVERY`] to pass since the last one.
+    due: Option<Instant>,
+}
+
 /// One single-threaded event loop. Build it with [`EventLoop::new`], take a
 /// [`ShutdownHandle`], then [`EventLoop::run`] it on its own thread.
 pub struct EventLoop {
@@ -263,13 +309,14 @@ pub struct EventLoop {
     conns: Conns,
     /// The read buffer every connection reads into.
     input: Box<[u8]>,
-    /// An output buffer lent to the connection being served (see
-    /// [`Scratch`]).
-    spare: BytesMut,
+    /// Buffers lent to the connection being served (see [`Spare`]).
+    spare: Spare,
     /// Counters and the counts admission looks at.
     counting: Counting,
     /// The accept pause.
     accepting: Accepting,
+    /// Returning freed memory.
+    trimming: Trimming,
     /// Set by a [`ShutdownHandle`]; read after the waker fires.
     shutdown_requested: Arc<AtomicBool>,
     /// Once shutting down: when to drop whatever has not finished.
@@ -307,18 +354,24 @@ impl EventLoop {
                 .register(&mut socket, Token(LISTENER_BASE - i), Interest::READABLE)?;
             listeners.push(Listener { socket, service });
         }
+        let clock = Clock::new(cfg.timer_tick(), Instant::now());
         Ok(EventLoop {
             poll,
             listeners,
             waker,
             conns: Conns {
-                slab: Slab::new(),
+                // Reserved, not touched: the slab never moves or doubles its
+                // resident memory on the way up to the cap (pages are only
+                // resident once a slot on them is used).
+                slab: Slab::with_capacity(cfg.max_connections.min(MAX_RESERVED_SLOTS)),
                 ready: Vec::new(),
-                timer: Timer::new(cfg.timer_tick(), Instant::now()),
+                timer: Timer::new(clock.at(Instant::now())),
+                timeouts: Timeouts::new(&cfg, &clock),
+                clock,
                 next_generation: 0,
             },
             input: vec![0; cfg.read_budget.max(1)].into_boxed_slice(),
-            spare: BytesMut::new(),
+            spare: Spare::default(),
             counting: Counting {
                 tally: Tally::default(),
                 mine: counters[index].clone(),
@@ -330,6 +383,11 @@ impl EventLoop {
             accepting: Accepting {
                 paused_until: None,
                 backoff: ACCEPT_PAUSE_MIN,
+            },
+            trimming: Trimming {
+                released: 0,
+                last: None,
+                due: None,
             },
             shutdown_requested: Arc::new(AtomicBool::new(false)),
             shutdown_deadline: None,
@@ -387,6 +445,7 @@ impl EventLoop {
             self.serve_ready(now);
             self.expire_timers(now);
             self.resume_accepting(now);
+            self.return_memory(now);
             self.counting.publish();
         }
     }
@@ -398,9 +457,11 @@ impl EventLoop {
         if !self.conns.ready.is_empty() {
             return Some(Duration::ZERO);
         }
+        let timer = self.conns.timer.next_due();
         [
-            self.conns.timer.next_wakeup(),
+            timer.and_then(|due| self.conns.clock.start_of(due)),
             self.accepting.paused_until,
+            self.trimming.due,
             self.shutdown_deadline,
         ]
         .into_iter()
@@ -414,7 +475,7 @@ impl EventLoop {
     /// Tells connection `id` what happened, lending it the loop's buffers,
     /// then settles the verdict.
     fn drive(&mut self, id: ConnId, event: Happened, now: Instant) {
-        let Some(slot) = self.conns.get(id) else {
+        let Some(slot) = slot_mut(&mut self.conns.slab, id) else {
             return; // stale: the connection is gone
         };
         let mut scratch = Scratch {
@@ -426,7 +487,8 @@ impl EventLoop {
         let mut uncounted = Tally::default();
         let mut cx = Cx {
             cfg: &self.cfg,
-            now,
+            timeouts: &self.conns.timeouts,
+            now: self.conns.clock.at(now),
             tally: match slot.kind {
                 Kind::Metrics => &mut uncounted,
                 Kind::Client | Kind::Busy => &mut self.counting.tally,
@@ -457,7 +519,11 @@ impl EventLoop {
             return self.close(id, reason);
         }
         let Conns {
-            slab, ready, timer, ..
+            slab,
+            ready,
+            timer,
+            timeouts,
+            ..
         } = &mut self.conns;
         let Some(slot) = slot_mut(slab, id) else {
             return;
@@ -470,13 +536,13 @@ impl EventLoop {
         if want != slot.registered {
             let registry = self.poll.registry();
             if let Err(e) = registry.reregister(&mut slot.socket, id.token(), interest(want)) {
-                warn!("{}: reregister failed: {e}", slot.conn.peer());
+                warn!("{}: reregister failed: {e}", slot.conn.peer(&slot.socket));
                 self.close(id, CloseReason::Error);
                 return;
             }
             slot.registered = want;
         }
-        if let Some(deadline) = slot.conn.deadline(&self.cfg) {
+        if let Some(deadline) = slot.conn.deadline(timeouts) {
             // Only an earlier deadline needs a new entry: a later one is
             // picked up when the armed entry fires (Netty's idle pattern),
             // so a line never touches the wheel.
@@ -494,7 +560,12 @@ impl EventLoop {
         }
         let mut slot = self.conns.slab.remove(id.key as usize);
         let _ = self.poll.registry().deregister(&mut slot.socket);
-        debug!("{}: closed ({})", slot.conn.peer(), reason.as_str());
+        self.trimming.released += slot.conn.buffered_capacity();
+        debug!(
+            "{} (conn {id}): closed ({})",
+            slot.conn.peer(&slot.socket),
+            reason.as_str()
+        );
         self.counting.closed(slot.kind, reason);
     }
 
@@ -519,18 +590,43 @@ impl EventLoop {
 
     /// Fires due timer entries; stale ones (gone or re-armed) are ignored.
     fn expire_timers(&mut self, now: Instant) {
+        let now = self.conns.clock.at(now);
         for entry in self.conns.timer.expired(now) {
             let id = entry.key;
-            let Some(slot) = self.conns.get(id) else {
+            let Some(slot) = slot_mut(&mut self.conns.slab, id) else {
                 continue;
             };
             if slot.armed != Some(entry.at) {
                 continue;
             }
             slot.armed = None;
-            let next = slot.conn.handle_timeout(now, &self.cfg);
+            let next = slot.conn.handle_timeout(now, &self.conns.timeouts);
             self.settle(id, next);
         }
+    }
+
+    /// Trims the allocator once closes have freed enough (see [`Trimming`]).
+    fn return_memory(&mut self, now: Instant) {
+        let t = &mut self.trimming;
+        if t.released < TRIM_AFTER {
+            return;
+        }
+        if let Some(next) = t.last.map(|last| last + TRIM_EVERY)
+            && now < next
+        {
+            t.due = Some(next);
+            return;
+        }
+        let started = Instant::now();
+        trim_allocator();
+        debug!(
+            "returned free memory to the system after {} KiB of buffers were freed ({:?})",
+            t.released >> 10,
+            started.elapsed()
+        );
+        t.released = 0;
+        t.last = Some(now);
+        t.due = None;
     }
 
     // ----- accepting -------------------------------------------------------
@@ -652,14 +748,18 @@ impl EventLoop {
             self.counting.closed(kind, CloseReason::Error);
             return;
         }
-        debug!("{peer}: accepted by loop {} ({kind:?})", self.index);
+        debug!(
+            "{peer} (conn {id}): accepted by loop {} ({kind:?})",
+            self.index
+        );
+        let opened = self.conns.clock.at(now);
         entry.insert(Slot {
-            socket: stream,
-            conn: Conn::new(kind, peer, now, &self.cfg),
-            kind,
-            generation: id.generation,
-            registered: Want::Read,
+            conn: Conn::new(kind, opened, &self.conns.timeouts),
             armed: None,
+            socket: stream,
+            generation: id.generation,
+            kind,
+            registered: Want::Read,
             queued: false,
         });
         if kind == Kind::Busy {
@@ -725,6 +825,19 @@ fn interest(want: Want) -> Interest {
     }
 }
 
+/// Returns the allocator's free pages to the system (glibc: every arena).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim_allocator() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Other allocators return memory on their own terms.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_allocator() {}
+
 fn interrupted(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::Interrupted
 }
@@ -736,4 +849,28 @@ fn interrupted(e: &io::Error) -> bool {
 fn turn_away(mut stream: TcpStream, peer: SocketAddr) {
     debug!("{peer}: server busy (not lingering)");
     let _ = stream.write(BUSY_REPLY);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::size_of;
+
+    /// What an idle connection costs the loop, byte by byte; a field added
+    /// to the slot shows up here first. The state machine (32 bytes: the
+    /// state with its deadline tick, 16; the last line's tick, 8; a null
+    /// buffers pointer, 8), the armed deadline (8), the socket's descriptor
+    /// (4), the generation (4) and three one-byte fields, padded to 8.
+    #[test]
+    fn an_idle_connection_fits_in_56_bytes() {
+        assert_eq!(size_of::<Tick>(), 8);
+        assert_eq!(size_of::<Option<Tick>>(), 8, "a tick counts from 1");
+        assert_eq!(size_of::<crate::conn::State>(), 16);
+        assert_eq!(size_of::<Conn>(), 32);
+        assert_eq!(size_of::<Slot>(), 56);
+        // The slab's vacant/occupied tag finds room in the slot's niches.
+        assert_eq!(size_of::<Option<Slot>>(), 56);
+        // A timer entry: the connection id and the deadline it stands for.
+        assert_eq!(size_of::<crate::timer::Entry<ConnId>>(), 16);
+    }
 }

@@ -15,8 +15,11 @@
 //!   the connection ends is `altered`, or `extra` when nothing was owed.
 //!   (In ping-pong, a connection with a suspect waits for the end of the
 //!   run: the server believes it answered.)
+//! - except a line that is exactly the reply the *other* protocol owes for
+//!   the due line (`raw` instead of `prefix` or back): that is a server in
+//!   the other mode, and the run can stop at once with a hint.
 
-use crate::line::LineFormat;
+use crate::line::{LineFormat, Proto};
 use std::collections::VecDeque;
 use std::time::Instant;
 
@@ -24,6 +27,9 @@ use std::time::Instant;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InFlight {
     pub seq: u64,
+    /// When the line was due (rate mode: its place on the schedule; other
+    /// modes: when it was sent).
+    pub intended: Instant,
     /// When the line was handed to the socket.
     pub sent: Instant,
 }
@@ -45,6 +51,9 @@ pub enum Verdict {
     },
     /// A reply while no line was outstanding.
     Extra { got: Vec<u8> },
+    /// The reply the other protocol owes for line `seq`: the server runs
+    /// in mode `answers_in`.
+    OtherProto { seq: u64, answers_in: Proto },
 }
 
 /// How many answered sequence numbers are remembered to spot duplicates.
@@ -87,10 +96,15 @@ impl Checker {
         }
     }
 
-    /// Notes that line `seq` was sent at `sent`. Sequence numbers must rise.
-    pub fn sent(&mut self, seq: u64, sent: Instant) {
+    /// Notes that line `seq`, due at `intended`, was sent at `sent`.
+    /// Sequence numbers must rise.
+    pub fn sent(&mut self, seq: u64, intended: Instant, sent: Instant) {
         debug_assert!(self.inflight.back().is_none_or(|l| l.seq < seq));
-        self.inflight.push_back(InFlight { seq, sent });
+        self.inflight.push_back(InFlight {
+            seq,
+            intended,
+            sent,
+        });
     }
 
     /// Lines sent whose reply has not arrived (outstanding or skipped).
@@ -116,7 +130,7 @@ impl Checker {
         let max = self.format.max_reply_len();
         let mut rest = data;
         while !rest.is_empty() {
-            match rest.iter().position(|&b| b == b'\n') {
+            match memchr::memchr(b'\n', rest) {
                 Some(i) => {
                     let (line, tail) = rest.split_at(i + 1);
                     rest = tail;
@@ -242,6 +256,17 @@ impl Checker {
                 return on(Verdict::Duplicated { seq });
             }
         }
+        if let Some(due) = self.due() {
+            let other = self.format.other_proto();
+            self.scratch.clear();
+            other.push_reply(&mut self.scratch, self.conn, due.seq);
+            if self.scratch == got {
+                return on(Verdict::OtherProto {
+                    seq: due.seq,
+                    answers_in: other.proto,
+                });
+            }
+        }
         self.suspect = Some(got.to_vec());
     }
 }
@@ -249,7 +274,6 @@ impl Checker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::line::Proto;
 
     const FMT: LineFormat = LineFormat {
         line_len: 16,
@@ -267,7 +291,7 @@ mod tests {
         let t = Instant::now();
         let mut c = Checker::new(3, FMT);
         for &s in sent {
-            c.sent(s, t);
+            c.sent(s, t, t);
         }
         let mut out = Vec::new();
         for piece in stream.chunks(chunk) {
@@ -285,6 +309,7 @@ mod tests {
                 Verdict::Duplicated { .. } => "duplicated",
                 Verdict::Altered { .. } => "altered",
                 Verdict::Extra { .. } => "extra",
+                Verdict::OtherProto { .. } => "other_proto",
             })
             .collect()
     }
@@ -353,6 +378,20 @@ mod tests {
         let (v, c) = run(&[0, 1], &stream, 10);
         assert_eq!(names(&v), ["altered", "ok"]);
         assert!(c.partial().is_empty());
+    }
+
+    #[test]
+    fn raw_echo_of_a_prefix_line_names_raw() {
+        let mut line = Vec::new();
+        FMT.push_line(&mut line, 3, 0);
+        let (v, _) = run(&[0], &line, 4);
+        assert_eq!(
+            v,
+            [Verdict::OtherProto {
+                seq: 0,
+                answers_in: Proto::Raw
+            }]
+        );
     }
 
     #[test]

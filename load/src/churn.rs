@@ -32,17 +32,22 @@ pub fn run(settings: Settings, ids: Vec<u32>, progress: Arc<Progress>, deadline:
         from: t0,
         to: deadline,
     };
+    // Every connection of the first round failed: another round would
+    // only fail the same way.
+    let hopeless = |w: &Worker| {
+        w.live == 0 && w.tally.connects_ok == 0 && w.tally.connects_attempted >= slots as u64
+    };
     let mut next = 0;
     let mut now = Instant::now();
-    while now < deadline {
+    while now < deadline && !hopeless(&w) {
         // Slots freed in the last turn are reused only here, between turns.
-        while next < ids.len() {
+        while next < ids.len() && !hopeless(&w) {
             let Some(slot) = w.free.pop() else { break };
             w.begin_connect(slot, ids[next], now, budget);
             next += 1;
         }
         w.expire(now);
-        if next == ids.len() && w.live == 0 {
+        if next == ids.len() && w.live == 0 || w.halted() {
             break;
         }
         let until = w.next_deadline().map_or(deadline, |d| d.min(deadline));

@@ -1,6 +1,7 @@
 //! One client connection: its socket, the lines it still has to write, and
 //! the checker of its replies. Reads and writes follow the edge-triggered
-//! rule: until `WouldBlock` (or a bounded budget), retrying `Interrupted`.
+//! rule: until `WouldBlock` (or a bounded budget, or a short read when the
+//! caller knows a new edge will come), retrying `Interrupted`.
 
 use crate::check::{Checker, Verdict};
 use crate::line::LineFormat;
@@ -55,14 +56,15 @@ impl Conn {
         }
     }
 
-    /// Queues the next line (not written yet: call `flush`).
-    pub fn queue_line(&mut self, format: &LineFormat, now: Instant) {
+    /// Queues the next line, due at `intended`, at `now` (not written yet:
+    /// call `flush`).
+    pub fn queue_line(&mut self, format: &LineFormat, intended: Instant, now: Instant) {
         if self.out_pos == self.out.len() {
             self.out.clear();
             self.out_pos = 0;
         }
         format.push_line(&mut self.out, self.id, self.next_seq);
-        self.checker.sent(self.next_seq, now);
+        self.checker.sent(self.next_seq, intended, now);
         self.next_seq += 1;
     }
 
@@ -97,11 +99,14 @@ impl Conn {
     }
 
     /// Reads at most `budget` times into `buf`, feeding every byte to the
-    /// checker, which calls `on` once per complete reply line.
+    /// checker, which calls `on` once per complete reply line. With
+    /// `short_read_drains`, a read that does not fill `buf` ends the loop
+    /// as `Drained` (it emptied the socket; new data raises a new edge).
     pub fn read_some(
         &mut self,
         buf: &mut [u8],
         budget: usize,
+        short_read_drains: bool,
         mut on: impl FnMut(Verdict),
     ) -> ReadEnd {
         let mut interrupts = 0;
@@ -112,6 +117,9 @@ impl Conn {
                 Ok(n) => {
                     reads += 1;
                     self.checker.feed(&buf[..n], &mut on);
+                    if short_read_drains && n < buf.len() {
+                        return ReadEnd::Drained;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadEnd::Drained,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted && interrupts < MAX_INTERRUPTS => {

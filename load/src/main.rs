@@ -1,26 +1,34 @@
 //! `echoloop-load`: entry point. Parses the command line, checks what the
 //! machine allows, runs the chosen mode on worker threads, samples the
-//! server's /proc at the phase boundaries, and prints the report. Exit
-//! status: 0 without errors, 1 with any error counted, 2 for bad arguments.
+//! server's and its own /proc at the phase boundaries, and prints the
+//! report. Exit status: 0 without errors, 1 with any error counted, 2 for
+//! bad arguments, 3 for a rate run in which the tool fell behind its own
+//! schedule (invalid: it measured the tool).
 
+mod abuse;
+mod alarm;
 mod check;
 mod churn;
 mod cli;
 mod conn;
+mod hgrm;
 mod line;
 mod net;
 mod progress;
+mod rate;
 mod report;
-mod sys;
+mod slo;
+mod soak;
 mod tally;
 mod traffic;
 mod worker;
 
 use clap::Parser;
 use cli::{Cli, Mode};
+use echoloop_load::procfs;
 use line::LineFormat;
 use progress::Bar;
-use report::{Connects, Errors, Latency, Report, Server};
+use report::{Connects, Errors, Latency, Rate, Report, Server, Tool};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -50,11 +58,24 @@ struct Measured {
     /// Time to open all connections (connect mode: the whole run).
     connect_secs: f64,
     window_secs: f64,
+    /// This process's CPU over the measured window (connect mode: the run).
+    tool_cpu_secs: Option<f64>,
+    /// Rate mode: the rate of the run reported (an SLO search's best step),
+    /// when it is not --rate.
+    asked_rate: Option<f64>,
     server: Option<Server>,
 }
 
+/// CPU seconds this process has used so far (all threads, to the
+/// nanosecond: /proc's ticks are too coarse for a one-second window).
+fn own_cpu() -> Option<f64> {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Some(t.tv_sec as f64 + t.tv_nsec as f64 / 1e9)
+}
+
 fn run(cli: &Cli) -> i32 {
-    let nofile = match sys::raise_nofile_limit() {
+    // The soft open-file limit raised to the hard one.
+    let nofile = match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => n,
         Err(e) => {
             eprintln!("warning: cannot read the open file limit: {e}");
@@ -81,7 +102,7 @@ fn run(cli: &Cli) -> i32 {
     let sources = net::plan_sources(cli.target, cli.conns, cli.sources, cli.spread)
         .unwrap_or_else(|e| Cli::fail(e));
     if let Some(pid) = cli.server_pid
-        && !sys::process_exists(pid)
+        && !procfs::process_exists(pid)
     {
         Cli::fail(format!(
             "--server-pid {pid}: no such process (/proc/{pid}/stat unreadable)"
@@ -100,6 +121,7 @@ fn run(cli: &Cli) -> i32 {
         } else {
             1
         },
+        rate_per_conn: cli.rate.map(|r| r / cli.conns as f64),
         concurrency: cli.concurrency.div_ceil(cli.threads),
         connect_timeout: cli.connect_timeout,
         grace: cli.grace,
@@ -107,13 +129,60 @@ fn run(cli: &Cli) -> i32 {
     };
     let progress = Arc::new(Progress::default());
     let bar = Bar::new(cli.quiet);
+    let mut soak = None;
+    let mut slo_report = None;
     let (tally, measured) = match cli.mode {
         Mode::Connect => drive_connect(cli, &settings, &progress, &bar),
+        Mode::Rate if cli.slo.is_some() => {
+            let (tally, measured, found) = drive_slo(cli, &settings, &bar);
+            slo_report = Some(found);
+            (tally, measured)
+        }
+        Mode::Soak => {
+            let limits = abuse::Limits {
+                idle_timeout: cli.idle_timeout,
+                max_line: cli.max_line,
+                max_pending_output: cli.max_pending_output,
+            };
+            let until = Instant::now() + cli.warmup + cli.secs;
+            let running = soak::start(
+                cli.target,
+                limits,
+                cli.proto,
+                cli.abusers,
+                cli.conns,
+                until,
+                cli.server_pid,
+            );
+            let (tally, measured) = drive_traffic(cli, &settings, &progress, &bar);
+            bar.set("soak: checking the server".into());
+            let good_max = tally.longest_wait;
+            let unanswered = tally.count(ErrorKind::Missing);
+            soak = Some(soak::finish(running, good_max, unanswered));
+            (tally, measured)
+        }
         _ => drive_traffic(cli, &settings, &progress, &bar),
     };
     bar.finish();
 
-    let report = build_report(cli, sources.len(), &tally, measured);
+    let mut report = build_report(cli, sources.len().max(1), &tally, measured);
+    if let Some(s) = soak {
+        for why in &s.broken {
+            eprintln!("broken [soak] {why}");
+        }
+        report.ok &= s.broken.is_empty();
+        report.soak = Some(s);
+    }
+    if let Some(found) = slo_report {
+        if found.best_rate.is_none() {
+            eprintln!(
+                "echoloop-load: no rate tried kept {} (the report is the last step's)",
+                found.bound
+            );
+            report.ok = false;
+        }
+        report.slo = Some(found);
+    }
     for line in report::error_lines(&tally) {
         eprintln!("{line}");
     }
@@ -122,6 +191,12 @@ fn run(cli: &Cli) -> i32 {
             "({} errors in all; only the first ones are shown)",
             tally.total_errors()
         );
+    }
+    if let Some(path) = &cli.hgrm
+        && let Err(e) = hgrm::write(path, &tally.latency)
+    {
+        eprintln!("error: writing --hgrm {}: {e}", path.display());
+        return 1;
     }
     if cli.json {
         match serde_json::to_string(&report) {
@@ -134,7 +209,44 @@ fn run(cli: &Cli) -> i32 {
     } else {
         print!("{}", report.table());
     }
-    if report.ok { 0 } else { 1 }
+    // The verdict last, under the table, where a reader's eye ends.
+    if let Some(why) = &report.stopped_early {
+        eprintln!("echoloop-load: {why}");
+    }
+    match &report.rate {
+        _ if !report.ok => 1,
+        Some(r) if !r.valid => {
+            eprintln!(
+                "echoloop-load: invalid run: the tool sent late (p99 {:.0} us, allowed {:.0} us), \
+                 so the latency measures the tool: lower --rate or add --threads",
+                r.lateness_us.p99, r.max_lateness_us
+            );
+            3
+        }
+        _ => 0,
+    }
+}
+
+/// Why the run ended before its time, if it did: every connection failed
+/// to connect, or the server answers in the other protocol.
+fn stopped_early(cli: &Cli, tally: &Tally) -> Option<String> {
+    if let Some(p) = tally.wrong_proto {
+        let p = p.name();
+        return Some(format!("the server answers in {p} mode: try --proto {p}"));
+    }
+    if tally.connects_ok == 0 && tally.connects_attempted > 0 {
+        let first = tally
+            .samples
+            .iter()
+            .find(|s| s.kind == ErrorKind::Connect)
+            .map(|s| format!(" (first: {})", s.detail))
+            .unwrap_or_default();
+        return Some(format!(
+            "none of the {} connections to {} could be established{first}: is the server listening there?",
+            tally.connects_attempted, cli.target
+        ));
+    }
+    None
 }
 
 /// The connection ids of thread `t` of `threads`: t, t + threads, ...
@@ -147,7 +259,7 @@ fn wait_until(deadline: Instant, bar: &Bar, progress: &Progress, label: &str) {
     let mut last = (Instant::now(), progress.replies.load(Ordering::Relaxed));
     loop {
         let now = Instant::now();
-        if now >= deadline {
+        if now >= deadline || progress.halted() {
             return;
         }
         std::thread::sleep(TICK.min(deadline - now));
@@ -177,7 +289,9 @@ fn join_all(handles: Vec<JoinHandle<Tally>>, t0: Instant) -> Tally {
     total
 }
 
-/// pingpong, pipeline and idle: open everything, then traffic or hold.
+/// pingpong, pipeline, rate and idle: open everything, then traffic or
+/// hold. Stops after the open phase when no connection could be made or
+/// a thread halted the run.
 fn drive_traffic(
     cli: &Cli,
     settings: &Settings,
@@ -187,7 +301,7 @@ fn drive_traffic(
     let pid = cli.server_pid;
     let mut server = pid.map(|pid| Server {
         pid,
-        rss_before_bytes: sys::rss_bytes(pid).ok(),
+        rss_before_bytes: procfs::rss_bytes(pid).ok(),
         ..Server::default()
     });
     let (opened_tx, opened_rx) = mpsc::channel();
@@ -229,24 +343,28 @@ fn drive_traffic(
         }
     }
     let connect_secs = open_start.elapsed().as_secs_f64();
-    if opened < cli.threads {
+    let none_connected = progress.connected.load(Ordering::Relaxed) == 0;
+    if opened < cli.threads || none_connected || progress.halted() {
         for tx in &schedule_txs {
             let _ = tx.send(Schedule::Abort);
         }
         let mut tally = join_all(handles, settings.t0);
-        tally.error(ErrorKind::Io, 1, settings.t0.elapsed(), || {
-            "the open phase did not finish in time".into()
-        });
+        if opened < cli.threads {
+            tally.error(ErrorKind::Io, 1, settings.t0.elapsed(), || {
+                "the open phase did not finish in time".into()
+            });
+        }
         return (tally, Measured::default());
     }
     if let (Some(srv), Some(pid)) = (server.as_mut(), pid) {
-        srv.rss_after_open_bytes = sys::rss_bytes(pid).ok();
+        srv.rss_after_open_bytes = procfs::rss_bytes(pid).ok();
     }
 
     let start = Instant::now();
     let mut window_secs = 0.0;
+    let mut tool_cpu_secs = None;
     if cli.mode == Mode::Idle {
-        let ctx0 = pid.and_then(|p| sys::context_switches(p).ok());
+        let ctx0 = pid.and_then(|p| procfs::context_switches(p).ok());
         let hold_end = start + cli.hold;
         for tx in &schedule_txs {
             let _ = tx.send(Schedule::Hold {
@@ -254,7 +372,7 @@ fn drive_traffic(
             });
         }
         wait_until(hold_end, bar, progress, "holding idle");
-        let ctx1 = pid.and_then(|p| sys::context_switches(p).ok());
+        let ctx1 = pid.and_then(|p| procfs::context_switches(p).ok());
         if let (Some(srv), Some(a), Some(b)) = (server.as_mut(), ctx0, ctx1)
             && !cli.hold.is_zero()
         {
@@ -273,9 +391,11 @@ fn drive_traffic(
             });
         }
         wait_until(window.from, bar, progress, "warming up");
-        let cpu0 = pid.and_then(|p| sys::cpu_seconds(p).ok());
+        let cpu0 = pid.and_then(|p| procfs::cpu_seconds(p).ok());
+        let own0 = own_cpu();
         wait_until(window.to, bar, progress, "measuring");
-        let cpu1 = pid.and_then(|p| sys::cpu_seconds(p).ok());
+        let cpu1 = pid.and_then(|p| procfs::cpu_seconds(p).ok());
+        tool_cpu_secs = own0.zip(own_cpu()).map(|(a, b)| b - a);
         window_secs = (window.to - window.from).as_secs_f64();
         if let (Some(srv), Some(a), Some(b)) = (server.as_mut(), cpu0, cpu1) {
             srv.cpu_secs = Some(b - a);
@@ -300,9 +420,69 @@ fn drive_traffic(
         Measured {
             connect_secs,
             window_secs,
+            tool_cpu_secs,
+            asked_rate: None,
             server,
         },
     )
+}
+
+/// rate --slo: rate runs, each a whole `drive_traffic`, as `slo::Search`
+/// asks; returns the best passing step (else the last one) and the steps.
+fn drive_slo(cli: &Cli, settings: &Settings, bar: &Bar) -> (Tally, Measured, slo::SloReport) {
+    let Some(bound) = cli.slo else {
+        unreachable!("drive_slo runs only with --slo")
+    };
+    let mut search = slo::Search::default();
+    let mut rate = cli.rate.unwrap_or(1.0);
+    let mut steps = Vec::new();
+    let mut best: Option<(f64, Tally, Measured)> = None;
+    let mut last = None;
+    for n in 1..=slo::MAX_STEPS {
+        bar.set(format!("slo step {n}: {rate:.0} lines/s"));
+        let step_settings = Settings {
+            rate_per_conn: Some(rate / cli.conns as f64),
+            ..settings.clone()
+        };
+        let progress = Arc::new(Progress::default());
+        let (tally, m) = drive_traffic(cli, &step_settings, &progress, bar);
+        let at = |h: &hdrhistogram::Histogram<u64>, q: f64| {
+            (!h.is_empty()).then(|| h.value_at_quantile(q) as f64 / 1000.0)
+        };
+        let latency_us = at(&tally.latency, bound.quantile);
+        let valid =
+            at(&tally.lateness, 0.99).is_some_and(|l| l <= cli.max_lateness.as_secs_f64() * 1e6);
+        let passed = tally.total_errors() == 0
+            && valid
+            && latency_us.is_some_and(|l| l <= bound.bound.as_secs_f64() * 1e6);
+        steps.push(slo::Step {
+            rate,
+            latency_us: latency_us.unwrap_or(0.0),
+            errors: tally.total_errors(),
+            valid,
+            passed,
+        });
+        let stopped = tally.wrong_proto.is_some() || tally.connects_ok == 0;
+        let next = search.step(rate, passed);
+        if passed {
+            best = Some((rate, tally, m));
+        } else {
+            last = Some((rate, tally, m));
+        }
+        match next {
+            Some(r) if !stopped => rate = r,
+            _ => break,
+        }
+    }
+    let best_rate = best.as_ref().map(|b| b.0);
+    let (asked, tally, mut m) = best.or(last).expect("the search ran at least one step");
+    m.asked_rate = Some(asked);
+    let found = slo::SloReport {
+        bound: format!("{}={}", bound.name, humantime::format_duration(bound.bound)),
+        steps,
+        best_rate,
+    };
+    (tally, m, found)
 }
 
 /// connect: churn through --conns connections, --concurrency at a time.
@@ -313,7 +493,8 @@ fn drive_connect(
     bar: &Bar,
 ) -> (Tally, Measured) {
     let pid = cli.server_pid;
-    let cpu0 = pid.and_then(|p| sys::cpu_seconds(p).ok());
+    let cpu0 = pid.and_then(|p| procfs::cpu_seconds(p).ok());
+    let own0 = own_cpu();
     let start = Instant::now();
     let deadline = start + cli.secs;
     let handles: Vec<JoinHandle<Tally>> = (0..cli.threads)
@@ -335,7 +516,8 @@ fn drive_connect(
         ));
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let cpu1 = pid.and_then(|p| sys::cpu_seconds(p).ok());
+    let cpu1 = pid.and_then(|p| procfs::cpu_seconds(p).ok());
+    let tool_cpu_secs = own0.zip(own_cpu()).map(|(a, b)| b - a);
     let tally = join_all(handles, settings.t0);
     let server = pid.map(|pid| {
         let cpu = cpu0.zip(cpu1).map(|(a, b)| b - a);
@@ -353,6 +535,8 @@ fn drive_connect(
         Measured {
             connect_secs: elapsed,
             window_secs: elapsed,
+            tool_cpu_secs,
+            asked_rate: None,
             server,
         },
     )
@@ -360,26 +544,43 @@ fn drive_connect(
 
 fn build_report(cli: &Cli, sources: usize, tally: &Tally, m: Measured) -> Report {
     let per_sec = |n: u64, secs: f64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
-    let replies = if cli.mode == Mode::Connect {
+    let connect = cli.mode == Mode::Connect;
+    let replies = if connect {
         tally.replies
     } else {
         tally.window_replies
     };
+    let per = |cpu: Option<f64>, n: u64| cpu.filter(|_| n > 0).map(|c| c * 1e6 / n as f64);
+    let tool = Tool {
+        cpu_secs: m.tool_cpu_secs,
+        cpu_us_per_reply: (!connect).then(|| per(m.tool_cpu_secs, replies)).flatten(),
+        cpu_us_per_conn: connect
+            .then(|| per(m.tool_cpu_secs, tally.completed))
+            .flatten(),
+    };
+    let rate = m.asked_rate.or(cli.rate).map(|asked| {
+        let lateness_us = Latency::of(&tally.lateness);
+        let max_lateness_us = cli.max_lateness.as_secs_f64() * 1e6;
+        Rate {
+            asked_per_sec: asked,
+            sent_per_sec: per_sec(tally.window_sent, m.window_secs),
+            valid: lateness_us.p99 <= max_lateness_us,
+            lateness_us,
+            max_lateness_us,
+        }
+    });
     let errors = Errors::of(tally);
+    let stopped_early = stopped_early(cli, tally);
     Report {
         mode: cli.mode,
         proto: cli.proto,
         target: cli.target.to_string(),
         conns: cli.conns,
-        depth: if cli.mode == Mode::Pipeline {
-            cli.depth
-        } else {
-            1
-        },
+        depth: (cli.mode == Mode::Pipeline).then_some(cli.depth),
         line_len: cli.line_len,
         threads: cli.threads,
         sources,
-        warmup_secs: if cli.mode == Mode::Connect {
+        warmup_secs: if connect {
             0.0
         } else {
             cli.warmup.as_secs_f64()
@@ -389,18 +590,26 @@ fn build_report(cli: &Cli, sources: usize, tally: &Tally, m: Measured) -> Report
         replies,
         replies_total: tally.replies,
         replies_per_sec: per_sec(replies, m.window_secs),
-        latency_us: Latency::of(&tally.latency),
+        latency_us: (cli.mode != Mode::Idle).then(|| Latency::of(&tally.latency)),
+        latency_uncorrected_us: (cli.mode == Mode::Rate)
+            .then(|| Latency::of(&tally.latency_uncorrected)),
+        rate,
         connects: Connects {
             attempted: tally.connects_attempted,
             established: tally.connects_ok,
-            completed: tally.completed,
+            completed: connect.then_some(tally.completed),
             per_sec: per_sec(tally.connects_ok, m.connect_secs),
             latency_us: Latency::of(&tally.connect_latency),
         },
+        tool,
         server: m.server,
         ok: errors.total == 0,
         errors,
-        stopped_by_time_limit: cli.mode == Mode::Connect
-            && tally.connects_attempted < cli.conns as u64,
+        stopped_by_time_limit: connect
+            && tally.connects_attempted < cli.conns as u64
+            && stopped_early.is_none(),
+        stopped_early,
+        soak: None,
+        slo: None,
     }
 }

@@ -2,6 +2,7 @@
 //! kind (with the first few errors described), merged across threads at the
 //! end of a run.
 
+use crate::line::Proto;
 use hdrhistogram::Histogram;
 use std::time::Duration;
 
@@ -25,13 +26,16 @@ pub enum ErrorKind {
     Connect,
     /// The connection was reset (`ECONNRESET`, `EPIPE`).
     Reset,
+    /// The server answers in the other protocol (`--proto`): the run stops
+    /// at the first such reply.
+    WrongProto,
     /// Any other socket error.
     Io,
 }
 
 impl ErrorKind {
     /// All kinds, in report order.
-    pub const ALL: [ErrorKind; 9] = [
+    pub const ALL: [ErrorKind; 10] = [
         ErrorKind::Altered,
         ErrorKind::Reordered,
         ErrorKind::Duplicated,
@@ -40,6 +44,7 @@ impl ErrorKind {
         ErrorKind::ClosedEarly,
         ErrorKind::Connect,
         ErrorKind::Reset,
+        ErrorKind::WrongProto,
         ErrorKind::Io,
     ];
 
@@ -54,6 +59,7 @@ impl ErrorKind {
             ErrorKind::ClosedEarly => "closed_early",
             ErrorKind::Connect => "connect",
             ErrorKind::Reset => "reset",
+            ErrorKind::WrongProto => "wrong_proto",
             ErrorKind::Io => "io",
         }
     }
@@ -104,12 +110,25 @@ pub struct Tally {
     pub replies: u64,
     /// Replies checked correct that arrived inside the measured window.
     pub window_replies: u64,
-    /// Latency (send of a line to arrival of its full reply) of the replies
-    /// in the measured window (in `connect` mode: of every exchange). Both
-    /// ends are the clock read once per loop turn, right after `poll`
-    /// returns: the send time is that of the turn that queued and wrote the
-    /// line, so a busy turn makes latencies longer, never shorter.
+    /// Latency of the replies in the measured window (in `connect` mode: of
+    /// every exchange), from the time a line was due to the arrival of its
+    /// full reply. In the closed-loop modes a line is due when it is sent;
+    /// in rate mode it is due at its place on the schedule, whether or not
+    /// the tool managed to send it then (the coordinated-omission
+    /// correction), and the window holds the lines *due* inside it. The
+    /// arrival is the clock read once per loop turn, right after `poll`
+    /// returns, so a busy turn makes latencies longer, never shorter.
     pub latency: Histogram<u64>,
+    /// Rate mode: the same replies measured from the actual send time.
+    pub latency_uncorrected: Histogram<u64>,
+    /// Rate mode: how late the tool's own sends were (actual send time
+    /// minus the time on the schedule), for every line due in the window.
+    pub lateness: Histogram<u64>,
+    /// Rate mode: lines due (and sent) inside the measured window.
+    pub window_sent: u64,
+    /// The longest any correct reply took, in or out of the window (soak
+    /// mode's starvation check).
+    pub longest_wait: Duration,
     /// Connections attempted.
     pub connects_attempted: u64,
     /// Connections established.
@@ -123,6 +142,9 @@ pub struct Tally {
     pub errors: [u64; ErrorKind::ALL.len()],
     /// The first few errors, described.
     pub samples: Vec<ErrorSample>,
+    /// The protocol the server was found to answer in, when it is not the
+    /// one asked for (`WrongProto`).
+    pub wrong_proto: Option<Proto>,
 }
 
 impl Default for Tally {
@@ -131,12 +153,17 @@ impl Default for Tally {
             replies: 0,
             window_replies: 0,
             latency: new_histogram(),
+            latency_uncorrected: new_histogram(),
+            lateness: new_histogram(),
+            window_sent: 0,
+            longest_wait: Duration::ZERO,
             connects_attempted: 0,
             connects_ok: 0,
             connect_latency: new_histogram(),
             completed: 0,
             errors: [0; ErrorKind::ALL.len()],
             samples: Vec::new(),
+            wrong_proto: None,
         }
     }
 }
@@ -181,6 +208,11 @@ impl Tally {
         // Both histograms have the same bounds, so adding cannot fail.
         let _ = self.latency.add(&other.latency);
         let _ = self.connect_latency.add(&other.connect_latency);
+        let _ = self.latency_uncorrected.add(&other.latency_uncorrected);
+        let _ = self.lateness.add(&other.lateness);
+        self.window_sent += other.window_sent;
+        self.longest_wait = self.longest_wait.max(other.longest_wait);
+        self.wrong_proto = self.wrong_proto.or(other.wrong_proto);
         self.connects_attempted += other.connects_attempted;
         self.connects_ok += other.connects_ok;
         self.completed += other.completed;

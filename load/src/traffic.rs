@@ -1,8 +1,10 @@
-//! The thread body of the `pingpong`, `pipeline` and `idle` modes: open this
-//! thread's connections, report to the main thread, then (on its schedule)
-//! either keep `depth` lines in flight per connection or hold them idle,
-//! and finally close everything and account for what is still missing.
+//! The thread body of the `pingpong`, `pipeline`, `rate` and `idle` modes:
+//! open this thread's connections, report to the main thread, then (on its
+//! schedule) either keep `depth` lines in flight per connection, send on
+//! the open-loop schedule of `rate`, or hold them idle, and finally close
+//! everything and account for what is still missing.
 
+use crate::rate;
 use crate::tally::{ErrorKind, Tally};
 use crate::worker::{Close, Progress, Settings, Window, Worker};
 use std::sync::Arc;
@@ -82,7 +84,13 @@ pub fn run(
             window,
             stop_sending,
             deadline,
-        }) => traffic(&mut w, window, stop_sending, deadline),
+        }) => match w.settings.rate_per_conn {
+            Some(r) => {
+                let rate = r * w.slots.len() as f64;
+                rate::traffic(&mut w, rate, window, stop_sending, deadline);
+            }
+            None => traffic(&mut w, window, stop_sending, deadline),
+        },
         Ok(Schedule::Hold { until }) => hold(&mut w, until),
         Ok(Schedule::Abort) | Err(_) => w.close_all(|| Close::Abandon, Instant::now()),
     }
@@ -104,6 +112,9 @@ fn open_all(w: &mut Worker, ids: &[u32]) {
     let mut next = 0;
     let mut now = start;
     loop {
+        if w.halted() {
+            return;
+        }
         while w.connecting < w.settings.concurrency && next < ids.len() {
             w.begin_connect(next, ids[next], now, w.settings.connect_timeout);
             next += 1;
@@ -155,6 +166,10 @@ fn traffic(w: &mut Worker, window: Window, stop_sending: Instant, deadline: Inst
         if now >= deadline || w.live == 0 || (!w.refill && w.outstanding() == 0) {
             break;
         }
+        if w.halted() {
+            w.close_all(|| Close::Abandon, now);
+            return;
+        }
         let until = if w.refill { stop_sending } else { deadline };
         now = w.turn(until);
     }
@@ -165,12 +180,13 @@ fn traffic(w: &mut Worker, window: Window, stop_sending: Instant, deadline: Inst
 /// server are still noticed (as `extra` and `closed_early`).
 fn hold(w: &mut Worker, until: Instant) {
     let mut now = Instant::now();
-    while now < until && w.live > 0 {
+    while now < until && w.live > 0 && !w.halted() {
         now = w.turn(until);
     }
     // Wait out the rest of the hold even if every connection is gone, so
     // the server's wake-ups are measured over the whole hold.
-    let rest = until.saturating_duration_since(Instant::now());
-    std::thread::sleep(rest);
+    if !w.halted() {
+        std::thread::sleep(until.saturating_duration_since(Instant::now()));
+    }
     w.close_all(|| Close::Done, Instant::now());
 }

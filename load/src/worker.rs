@@ -3,6 +3,7 @@
 //! connection, handle an event, judge replies, close and account). The
 //! modes themselves are sequences of these steps in `traffic` and `churn`.
 
+use crate::alarm::Alarm;
 use crate::check::Verdict;
 use crate::conn::{Conn, ReadEnd};
 use crate::line::{LineFormat, show};
@@ -13,7 +14,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Reads per connection per turn of the loop; a connection with more input
@@ -25,6 +26,21 @@ const READ_BUF: usize = 64 * 1024;
 const MAX_POLL_WAIT: Duration = Duration::from_millis(100);
 /// Events per `poll` call.
 const EVENTS: usize = 1024;
+/// How much reading an event calls for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Read {
+    No,
+    /// New data: a read shorter than the buffer emptied the socket, and
+    /// the next data will raise a new edge, so stop there (one `recv`
+    /// instead of two per event, as tokio does).
+    Data,
+    /// The peer closed or an error is pending, or the read budget ran out
+    /// last turn: read until `WouldBlock` or EOF, since no new edge may come.
+    ToTheEnd,
+}
+
+/// The token of the precise wake-up timer (slots never reach it).
+const ALARM: Token = Token(usize::MAX);
 
 /// Fixed facts of a run, the same for every thread.
 #[derive(Clone, Debug)]
@@ -35,6 +51,8 @@ pub struct Settings {
     pub format: LineFormat,
     /// Lines in flight per connection in the traffic phase.
     pub depth: usize,
+    /// Rate mode: lines/s each connection sends (`--rate / --conns`).
+    pub rate_per_conn: Option<f64>,
     /// Connections in progress at once, for this thread.
     pub concurrency: usize,
     pub connect_timeout: Duration,
@@ -44,11 +62,22 @@ pub struct Settings {
     pub t0: Instant,
 }
 
-/// Counters the main thread reads for the progress line.
+/// What the threads share while they run: counters the main thread reads
+/// for the progress line, and the flag that stops every thread at once.
 #[derive(Debug, Default)]
 pub struct Progress {
     pub connected: AtomicU64,
     pub replies: AtomicU64,
+    /// Set by the first thread that finds the run pointless (the server
+    /// answers in the other protocol); every loop ends at its next turn.
+    pub halt: AtomicBool,
+}
+
+impl Progress {
+    /// Has some thread asked every thread to stop?
+    pub fn halted(&self) -> bool {
+        self.halt.load(Ordering::Relaxed)
+    }
 }
 
 /// The measured window: replies that arrive inside it are counted in the
@@ -95,6 +124,9 @@ pub struct Worker {
     buf: Vec<u8>,
     /// Connections whose read budget ran out: served again next turn.
     again: Vec<usize>,
+    /// This turn's events as (slot, readable, writable), kept to reuse its
+    /// allocation.
+    ready: Vec<(usize, Read, bool)>,
     /// Connect deadlines in start order: (slot, connection id, deadline).
     deadlines: VecDeque<(usize, u32, Instant)>,
     pub tally: Tally,
@@ -106,10 +138,16 @@ pub struct Worker {
     pub greet: bool,
     /// Close a connection once all its lines are answered (connect mode).
     pub close_when_answered: bool,
+    /// Rate mode: a reply counts in the window when its line was *due*
+    /// inside it, and latency is measured from the due time as well as
+    /// from the send time.
+    pub open_loop: bool,
     pub connecting: usize,
     pub live: usize,
     progress: Arc<Progress>,
     reported_replies: u64,
+    /// Rate mode: wakes `poll` at the exact `until` of each turn.
+    alarm: Option<Alarm>,
 }
 
 impl Worker {
@@ -124,21 +162,40 @@ impl Worker {
             free: (0..slots).rev().collect(),
             buf: vec![0; READ_BUF],
             again: Vec::new(),
+            ready: Vec::with_capacity(EVENTS),
             deadlines: VecDeque::new(),
             tally: Tally::default(),
             window: Window { from: t0, to: t0 },
             refill: false,
             greet: false,
             close_when_answered: false,
+            open_loop: false,
             connecting: 0,
             live: 0,
             progress,
             reported_replies: 0,
+            alarm: None,
         })
     }
 
     fn since_start(&self, now: Instant) -> Duration {
         now.saturating_duration_since(self.settings.t0)
+    }
+
+    /// Has some thread asked every thread to stop?
+    pub fn halted(&self) -> bool {
+        self.progress.halted()
+    }
+
+    /// How the replies of this worker are judged.
+    fn judge_ctx(&self, id: u32, now: Instant) -> Judge {
+        Judge {
+            id,
+            now,
+            t0: self.settings.t0,
+            window: self.window,
+            open_loop: self.open_loop,
+        }
     }
 
     /// Starts connection `id` in empty slot `slot`; its deadline is
@@ -171,7 +228,10 @@ impl Worker {
             self.free.push(slot);
             return;
         }
-        self.slots[slot] = Some(Conn::new(id, stream, self.settings.format, now));
+        // The clock is read per connection, not per turn: connect latency
+        // is the time of this connection alone.
+        let started = Instant::now();
+        self.slots[slot] = Some(Conn::new(id, stream, self.settings.format, started));
         self.connecting += 1;
         self.live += 1;
         self.deadlines.push_back((slot, id, now + timeout));
@@ -208,6 +268,13 @@ impl Worker {
         self.deadlines.front().map(|d| d.2)
     }
 
+    /// From now on, wake each turn at its `until` to the microsecond
+    /// instead of the millisecond (rate mode's schedule).
+    pub fn wake_precisely(&mut self) -> io::Result<()> {
+        self.alarm = Some(Alarm::new(self.poll.registry(), ALARM)?);
+        Ok(())
+    }
+
     /// Waits for events until at most `until` and handles them. Returns the
     /// time after handling.
     pub fn turn(&mut self, until: Instant) -> Instant {
@@ -217,6 +284,15 @@ impl Worker {
         } else {
             Duration::ZERO
         };
+        if let Some(alarm) = &self.alarm
+            && !wait.is_zero()
+            && let Err(e) = alarm.set(now + wait)
+        {
+            let at = self.since_start(now);
+            self.tally
+                .error(ErrorKind::Io, 1, at, || format!("timerfd: {e}"));
+            self.alarm = None;
+        }
         if let Err(e) = self.poll.poll(&mut self.events, Some(wait))
             && e.kind() != io::ErrorKind::Interrupted
         {
@@ -227,21 +303,31 @@ impl Worker {
             std::thread::sleep(wait);
         }
         let now = Instant::now();
-        let ready: Vec<(usize, bool, bool)> = self
-            .events
-            .iter()
-            .map(|ev| {
-                let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
-                let writable = ev.is_writable() || ev.is_write_closed() || ev.is_error();
-                (ev.token().0, readable, writable)
-            })
-            .collect();
+        let mut ready = std::mem::take(&mut self.ready);
+        ready.extend(
+            self.events
+                .iter()
+                .filter(|ev| ev.token() != ALARM)
+                .map(|ev| {
+                    let read = if ev.is_read_closed() || ev.is_error() {
+                        Read::ToTheEnd
+                    } else if ev.is_readable() {
+                        Read::Data
+                    } else {
+                        Read::No
+                    };
+                    let writable = ev.is_writable() || ev.is_write_closed() || ev.is_error();
+                    (ev.token().0, read, writable)
+                }),
+        );
         let again = std::mem::take(&mut self.again);
-        for (slot, readable, writable) in ready {
-            self.on_event(slot, readable, writable, now);
+        for &(slot, read, writable) in &ready {
+            self.on_event(slot, read, writable, now);
         }
+        ready.clear();
+        self.ready = ready;
         for slot in again {
-            self.service(slot, true, false, now);
+            self.service(slot, Read::ToTheEnd, false, now);
         }
         let replies = self.tally.replies;
         self.progress
@@ -252,7 +338,7 @@ impl Worker {
     }
 
     /// Handles readiness of the connection in `slot`.
-    fn on_event(&mut self, slot: usize, readable: bool, writable: bool, now: Instant) {
+    fn on_event(&mut self, slot: usize, read: Read, writable: bool, now: Instant) {
         let Some(conn) = self.slots[slot].as_mut() else {
             return;
         };
@@ -267,15 +353,16 @@ impl Worker {
                     conn.connecting_since = None;
                     self.connecting -= 1;
                     self.tally.connects_ok += 1;
-                    record(&mut self.tally.connect_latency, now - since);
+                    let established = Instant::now();
+                    record(&mut self.tally.connect_latency, established - since);
                     self.progress.connected.fetch_add(1, Ordering::Relaxed);
                     if self.greet {
-                        conn.queue_line(&self.settings.format, now);
+                        conn.queue_line(&self.settings.format, now, now);
                     }
                 }
             }
         }
-        self.service(slot, readable, writable, now);
+        self.service(slot, read, writable, now);
     }
 
     /// Queues `n` lines on the connection in `slot` and writes them.
@@ -284,30 +371,57 @@ impl Worker {
             return;
         };
         for _ in 0..n {
-            conn.queue_line(&self.settings.format, now);
+            conn.queue_line(&self.settings.format, now, now);
         }
-        self.service(slot, false, true, now);
+        self.service(slot, Read::No, true, now);
+    }
+
+    /// Rate mode: queues the line due at `due` on the connection in `slot`
+    /// and writes it; counts how late it went out when it is due inside
+    /// the window.
+    pub fn send_due(&mut self, slot: usize, due: Instant) {
+        let Some(conn) = self.slots[slot].as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        conn.queue_line(&self.settings.format, due, now);
+        if self.window.contains(due) {
+            self.tally.window_sent += 1;
+            record(&mut self.tally.lateness, now.saturating_duration_since(due));
+        }
+        self.service(slot, Read::No, true, now);
     }
 
     /// Reads and judges replies, queues refills, writes, and closes the
     /// connection when it ended or its job is done.
-    fn service(&mut self, slot: usize, readable: bool, writable: bool, now: Instant) {
+    fn service(&mut self, slot: usize, read: Read, writable: bool, now: Instant) {
         let Some(conn) = self.slots[slot].as_mut() else {
             return;
         };
         let mut answered = 0usize;
         let mut end = ReadEnd::Drained;
-        if readable {
-            let (tally, window, t0, id) = (&mut self.tally, self.window, self.settings.t0, conn.id);
-            end = conn.read_some(&mut self.buf, READ_BUDGET, |v| {
-                if judge(v, id, now, t0, window, tally) {
+        if read != Read::No {
+            let ctx = Judge {
+                id: conn.id,
+                now,
+                t0: self.settings.t0,
+                window: self.window,
+                open_loop: self.open_loop,
+            };
+            let tally = &mut self.tally;
+            let short_read_drains = read == Read::Data;
+            end = conn.read_some(&mut self.buf, READ_BUDGET, short_read_drains, |v| {
+                if ctx.judge(v, tally) {
                     answered += 1;
                 }
             });
+            if self.tally.wrong_proto.is_some() {
+                self.progress.halt.store(true, Ordering::Relaxed);
+            }
         }
         if self.refill {
             for _ in 0..answered {
-                conn.queue_line(&self.settings.format, now);
+                conn.queue_line(&self.settings.format, now, now);
             }
         }
         let written = if writable || conn.has_output() {
@@ -345,9 +459,10 @@ impl Worker {
         let at = self.since_start(now);
         let id = conn.id;
         if !matches!(how, Close::Abandon) {
-            let (tally, window, t0) = (&mut self.tally, self.window, self.settings.t0);
+            let ctx = self.judge_ctx(id, now);
+            let tally = &mut self.tally;
             conn.checker.finish(|v| {
-                judge(v, id, now, t0, window, tally);
+                ctx.judge(v, tally);
             });
         }
         let seqs = conn.checker.outstanding_seqs();
@@ -412,61 +527,100 @@ impl Worker {
     }
 }
 
-/// Counts one reply verdict into `tally`; true when it settled a line (so
-/// a refill may be sent).
-fn judge(
-    v: Verdict,
+/// What judging the replies of one connection at one moment needs.
+#[derive(Clone, Copy)]
+struct Judge {
+    /// The connection.
     id: u32,
+    /// When the replies arrived.
     now: Instant,
     t0: Instant,
     window: Window,
-    tally: &mut Tally,
-) -> bool {
-    let at = now.saturating_duration_since(t0);
-    match v {
-        Verdict::Answered(line) => {
-            tally.replies += 1;
-            if window.contains(now) {
-                tally.window_replies += 1;
-                record(&mut tally.latency, now.saturating_duration_since(line.sent));
+    /// Rate mode: count by due time and measure from it (see `Worker`).
+    open_loop: bool,
+}
+
+impl Judge {
+    /// Counts one reply verdict into `tally`; true when it settled a line (so
+    /// a refill may be sent).
+    fn judge(&self, v: Verdict, tally: &mut Tally) -> bool {
+        let Judge {
+            id,
+            now,
+            t0,
+            window,
+            ..
+        } = *self;
+        let at = now.saturating_duration_since(t0);
+        match v {
+            Verdict::Answered(line) if self.open_loop => {
+                tally.replies += 1;
+                if window.contains(line.intended) {
+                    tally.window_replies += 1;
+                    record(
+                        &mut tally.latency,
+                        now.saturating_duration_since(line.intended),
+                    );
+                    record(
+                        &mut tally.latency_uncorrected,
+                        now.saturating_duration_since(line.sent),
+                    );
+                }
+                true
             }
-            true
-        }
-        Verdict::Reordered(line) => {
-            tally.error(ErrorKind::Reordered, 1, at, || {
-                format!(
-                    "c{id}: reply to s{} arrived after the reply to a later line",
-                    line.seq
-                )
-            });
-            true
-        }
-        Verdict::Duplicated { seq } => {
-            tally.error(ErrorKind::Duplicated, 1, at, || {
-                format!("c{id}: reply to s{seq} received twice")
-            });
-            false
-        }
-        Verdict::Altered { seq, expected, got } => {
-            tally.error(ErrorKind::Altered, 1, at, || {
-                let pos = expected.iter().zip(&got).position(|(a, b)| a != b);
-                let pos = pos.unwrap_or(expected.len().min(got.len()));
-                format!(
-                    "c{id}: reply to s{seq} differs at byte {pos}: expected `{}`, got `{}`",
-                    show(&expected, 80),
-                    show(&got, 80)
-                )
-            });
-            true
-        }
-        Verdict::Extra { got } => {
-            tally.error(ErrorKind::Extra, 1, at, || {
-                format!(
-                    "c{id}: reply `{}` while no line was outstanding",
-                    show(&got, 80)
-                )
-            });
-            false
+            Verdict::Answered(line) => {
+                tally.replies += 1;
+                let wait = now.saturating_duration_since(line.sent);
+                tally.longest_wait = tally.longest_wait.max(wait);
+                if window.contains(now) {
+                    tally.window_replies += 1;
+                    record(&mut tally.latency, wait);
+                }
+                true
+            }
+            Verdict::OtherProto { seq, answers_in } => {
+                tally.wrong_proto = Some(answers_in);
+                tally.error(ErrorKind::WrongProto, 1, at, || {
+                    format!("c{id}: reply to s{seq} is the {} reply", answers_in.name())
+                });
+                true
+            }
+            Verdict::Reordered(line) => {
+                tally.error(ErrorKind::Reordered, 1, at, || {
+                    format!(
+                        "c{id}: reply to s{} arrived after the reply to a later line",
+                        line.seq
+                    )
+                });
+                true
+            }
+            Verdict::Duplicated { seq } => {
+                tally.error(ErrorKind::Duplicated, 1, at, || {
+                    format!("c{id}: reply to s{seq} received twice")
+                });
+                false
+            }
+            Verdict::Altered { seq, expected, got } => {
+                tally.error(ErrorKind::Altered, 1, at, || {
+                    let pos = expected.iter().zip(&got).position(|(a, b)| a != b);
+                    let pos = pos.unwrap_or(expected.len().min(got.len()));
+                    format!(
+                        "c{id}: reply to s{seq} differs at byte {pos}: expected `{}`, got `{}`",
+                        show(&expected, 80),
+                        show(&got, 80)
+                    )
+                });
+                true
+            }
+            Verdict::Extra { got } => {
+                tally.error(ErrorKind::Extra, 1, at, || {
+                    format!(
+                        "c{id}: reply `{}` while no line was outstanding",
+                        show(&got, 80)
+                    )
+                });
+                false
+            }
         }
     }
 }

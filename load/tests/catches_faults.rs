@@ -3,7 +3,10 @@
 
 mod common;
 
-use common::{Behaviour, ServerSpec, describe, errors, json, load, start};
+use common::{
+    Behaviour, ServerSpec, closed_port, describe, errors, json, load, load_within, start,
+};
+use std::time::Duration;
 
 /// Runs a short load against a server with `behaviour` and checks that the
 /// run fails with at least one error of `kind`, named on stderr.
@@ -86,31 +89,51 @@ fn unrequested_line_is_extra() {
     caught(Behaviour::Greet, false, PINGPONG, "extra");
 }
 
-#[test]
-fn wrong_protocol_is_altered() {
-    // A raw echo server checked as prefix mode.
+/// Runs against a correct server in the other mode and checks the run
+/// stops at once, naming the protocol to try.
+fn wrong_protocol_named(server_raw: bool, mode_args: &[&str]) {
     let addr = start(ServerSpec {
         behaviour: Behaviour::Correct,
-        raw: true,
-        one_byte: false,
+        raw: server_raw,
+        one_byte: true,
     });
-    let out = load(
-        addr,
-        &["--conns", "1", "--secs", "0.2", "--warmup", "0", "--json"],
-    );
+    let (asked, answers) = if server_raw {
+        ("prefix", "raw")
+    } else {
+        ("raw", "prefix")
+    };
+    let mut args = vec![
+        "--conns", "3", "--secs", "5", "--warmup", "0", "--json", "--proto", asked,
+    ];
+    args.extend_from_slice(mode_args);
+    let out = load_within(addr, &args, Duration::from_secs(2));
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
-    assert!(errors(&json(&out), "altered") >= 1);
+    let v = json(&out);
+    assert!(errors(&v, "wrong_proto") >= 1, "{}", describe(&out));
+    let hint = format!("the server answers in {answers} mode: try --proto {answers}");
+    assert_eq!(v["stopped_early"], hint.as_str(), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&hint));
+}
+
+#[test]
+fn raw_server_checked_as_prefix_names_raw() {
+    wrong_protocol_named(true, PINGPONG);
+}
+
+#[test]
+fn prefix_server_checked_as_raw_names_prefix() {
+    wrong_protocol_named(false, PIPELINE);
+}
+
+#[test]
+fn wrong_protocol_stops_the_idle_open_phase() {
+    wrong_protocol_named(true, &["--mode", "idle", "--hold", "5"]);
 }
 
 #[test]
 fn refused_connection_is_a_connect_error() {
-    // Bind then drop a listener: nothing listens on that port any more.
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
     let out = load(
-        addr,
+        closed_port(),
         &["--conns", "3", "--secs", "0.2", "--warmup", "0", "--json"],
     );
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));

@@ -3,10 +3,13 @@
 
 mod common;
 
-use common::{Behaviour, ServerSpec, describe, errors, json, load, start};
+use common::{
+    Behaviour, ServerSpec, closed_port, describe, errors, json, load, load_within, start,
+};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 #[test]
 fn connect_mode_completes_every_connection() {
@@ -145,9 +148,94 @@ fn json_is_exactly_one_object() {
     ] {
         assert!(first.get(key).is_some(), "no {key} in {first}");
     }
-    for key in ["p50", "p99", "p99_9", "max"] {
+    for key in ["p50", "p90", "p99", "p999", "max"] {
         assert!(first["latency_us"][key].is_number(), "no latency {key}");
     }
+    // --help: "[default: ceil(conns / 20000), on a 127.0.0.0/8 target]".
+    assert_eq!(first["sources"], 1, "{first}");
+    assert_eq!(first["threads"], 1);
+    // Fields of other modes are left out, not zero.
+    for key in ["depth", "hold_secs", "rate", "latency_uncorrected_us"] {
+        assert!(
+            first.get(key).is_none(),
+            "{key} in a pingpong report: {first}"
+        );
+    }
+    assert!(first["connects"].get("completed").is_none(), "{first}");
+    assert!(first["tool"]["cpu_secs"].is_number(), "{first}");
+}
+
+#[test]
+fn table_leaves_out_rows_that_mean_nothing() {
+    let addr = start(ServerSpec::new(Behaviour::Correct));
+    let out = load(addr, &["--conns", "1", "--secs", "0.2", "--warmup", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains(" 1 conn, 1 thread,"), "{table}");
+    assert!(!table.contains("completed"), "{table}");
+    assert!(!table.contains(" - "), "{table}");
+    let out = load(
+        addr,
+        &["--mode", "connect", "--conns", "20", "--secs", "20"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("connections/s"), "{table}");
+    assert!(!table.contains("replies/s"), "{table}");
+}
+
+#[test]
+fn connect_latency_is_stamped_per_connection() {
+    // Stamped once per loop turn, every connection of a turn got the same
+    // latency: p50 = p99 = max.
+    let addr = start(ServerSpec::new(Behaviour::Correct));
+    let out = load(
+        addr,
+        &["--conns", "50", "--secs", "0.2", "--warmup", "0", "--json"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let l = &json(&out)["connects"]["latency_us"];
+    assert_eq!(l["samples"], 50);
+    assert!(l["p50"].as_f64() < l["max"].as_f64(), "{l}");
+}
+
+#[test]
+fn nothing_listening_stops_at_once() {
+    let out = load_within(
+        closed_port(),
+        &["--conns", "20", "--secs", "5", "--warmup", "1", "--json"],
+        Duration::from_secs(2),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let v = json(&out);
+    assert_eq!(errors(&v, "connect"), 20);
+    let why = v["stopped_early"].as_str().unwrap_or_default();
+    assert!(why.contains("none of the 20 connections"), "{v}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is the server listening there?"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn nothing_listening_stops_connect_mode_after_one_round() {
+    let started = std::time::Instant::now();
+    let out = load(
+        closed_port(),
+        &[
+            "--mode",
+            "connect",
+            "--conns",
+            "100000",
+            "--concurrency",
+            "10",
+            "--json",
+        ],
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert_eq!(errors(&json(&out), "connect"), 10, "{}", describe(&out));
 }
 
 fn bad_args(args: &[&str]) -> String {
@@ -163,7 +251,8 @@ fn bad_args(args: &[&str]) -> String {
 fn bad_arguments_exit_2() {
     assert!(bad_args(&["--depth", "0"]).contains("--depth"));
     assert!(bad_args(&["--mode", "nope"]).contains("nope"));
-    assert!(bad_args(&["--secs=-1"]).contains("seconds"));
+    assert!(bad_args(&["--secs=-1"]).contains("duration"));
+    assert!(bad_args(&["--grace", "soon"]).contains("500ms"));
     assert!(bad_args(&["--target", "not-an-address"]).contains("not-an-address"));
     assert!(bad_args(&["--target", "[::1]:1", "--spread"]).contains("127.0.0.0/8"));
     assert!(bad_args(&["--conns", "1000000"]).contains("open files"));

@@ -1,38 +1,19 @@
-//! Operating-system facts: the open-file limit of this process, and the
-//! server's CPU time, resident memory and context switches read from /proc.
+//! What a process's `/proc` files say: its CPU time, resident memory,
+//! open descriptors and context switches, and the machine's CPU times and
+//! load average. One reader for the load generator and the c10k bench; CPU
+//! ticks are converted with the clock tick the system reports (AT_CLKTCK,
+//! what `sysconf(_SC_CLK_TCK)` answers), not an assumed 100 Hz.
 
 use std::fs;
 use std::io;
 
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the soft
-/// limit in force afterwards.
-pub fn raise_nofile_limit() -> io::Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we pass and reads nothing else.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if lim.rlim_cur < lim.rlim_max {
-        let raised = libc::rlimit {
-            rlim_cur: lim.rlim_max,
-            rlim_max: lim.rlim_max,
-        };
-        // SAFETY: setrlimit only reads the struct we pass.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            lim.rlim_cur = lim.rlim_max;
-        }
-    }
-    Ok(lim.rlim_cur)
+/// Clock ticks per second of the times in `/proc/PID/stat` and `/proc/stat`.
+pub fn clock_ticks() -> u64 {
+    rustix::param::clock_ticks_per_second()
 }
 
-/// Clock ticks per second of the times in /proc/PID/stat.
-fn clock_ticks() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 { t as u64 } else { 100 }
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("unreadable {what}"))
 }
 
 /// CPU time (user + system) the process has used, in seconds.
@@ -40,7 +21,7 @@ pub fn cpu_seconds(pid: u32) -> io::Result<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     parse_cpu_ticks(&stat)
         .map(|ticks| ticks as f64 / clock_ticks() as f64)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unreadable /proc/PID/stat"))
+        .ok_or_else(|| invalid("/proc/PID/stat"))
 }
 
 /// utime + stime in ticks from the text of /proc/PID/stat. The command name
@@ -68,7 +49,7 @@ pub fn rss_bytes(pid: u32) -> io::Result<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     status_field(&status, "VmRSS")
         .map(|kb| kb * 1024)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no VmRSS in /proc/PID/status"))
+        .ok_or_else(|| invalid("VmRSS in /proc/PID/status"))
 }
 
 /// Context switches (voluntary + involuntary) summed over all threads of
@@ -85,6 +66,39 @@ pub fn context_switches(pid: u32) -> io::Result<u64> {
         total += status_field(&status, "nonvoluntary_ctxt_switches").unwrap_or(0);
     }
     Ok(total)
+}
+
+/// Open file descriptors of the process (entries of `/proc/PID/fd`).
+pub fn open_fds(pid: u32) -> io::Result<usize> {
+    Ok(fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// The machine's CPU time over all cores since boot, in ticks: (all,
+/// idle), idle counting iowait, from the `cpu` line of `/proc/stat`.
+pub fn system_cpu_ticks() -> io::Result<(u64, u64)> {
+    let stat = fs::read_to_string("/proc/stat")?;
+    parse_system_cpu(&stat).ok_or_else(|| invalid("/proc/stat"))
+}
+
+/// (all, idle) from the text of `/proc/stat`: the first line is
+/// `cpu user nice system idle iowait irq softirq steal ...`.
+fn parse_system_cpu(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let idle = fields.get(3)? + fields.get(4).unwrap_or(&0);
+    Some((fields.iter().sum(), idle))
+}
+
+/// The 1-minute load average (`/proc/loadavg`).
+pub fn load_average() -> io::Result<f64> {
+    let text = fs::read_to_string("/proc/loadavg")?;
+    text.split_whitespace()
+        .next()
+        .and_then(|f| f.parse().ok())
+        .ok_or_else(|| invalid("/proc/loadavg"))
 }
 
 /// Does a process with this id exist (and can we read it)?
@@ -111,11 +125,24 @@ mod tests {
     }
 
     #[test]
-    fn reads_own_process() {
+    fn parses_system_cpu_line() {
+        let s = "cpu  10 1 5 100 4 0 2 0 0 0\ncpu0 1 1 1 1 1 1 1 1 1 1\n";
+        assert_eq!(parse_system_cpu(s), Some((122, 104)));
+        assert_eq!(parse_system_cpu("intr 1 2\n"), None);
+    }
+
+    #[test]
+    fn reads_own_process_and_the_machine() {
         let me = std::process::id();
         assert!(process_exists(me));
         assert!(rss_bytes(me).unwrap() > 0);
         assert!(cpu_seconds(me).unwrap() >= 0.0);
         assert!(context_switches(me).unwrap() > 0);
+        assert!(open_fds(me).unwrap() >= 3);
+        let (all, idle) = system_cpu_ticks().unwrap();
+        assert!(all >= idle && all > 0);
+        assert!(load_average().unwrap() >= 0.0);
+        // The kernel's USER_HZ: 100 on every common Linux build.
+        assert!((1..=10_000).contains(&clock_ticks()));
     }
 }
