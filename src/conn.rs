@@ -418,6 +418,16 @@ impl Conn {
         self.bufs.as_ref().map_or(0, |b| b.out.len())
     }
 
+    /// Input bytes read but not answered yet (a PROXY or request head, or
+    /// unanswered lines).
+    pub fn pending_input(&self) -> usize {
+        let head = match &self.state {
+            State::ProxyHeader { head, .. } | State::Request { head, .. } => head.len(),
+            _ => 0,
+        };
+        head + self.framer.len()
+    }
+
     /// Heap bytes held by the connection's buffers.
     pub fn buffered_capacity(&self) -> usize {
         self.bufs.as_ref().map_or(0, |b| b.capacity())

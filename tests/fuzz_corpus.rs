@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 type Check = fn(&[u8]);
 
 /// Every fuzz target, with its check.
-const TARGETS: [(&str, Check); 3] = [
+const TARGETS: [(&str, Check); 5] = [
+    ("connection", checks::connection::check_connection),
+    ("framing", checks::framing::check_framing),
     ("metrics_request", checks::metrics_request::check_request),
     ("proxy", checks::proxy::check_bytes),
     ("proxy_valid", checks::proxy::check_valid),

@@ -8,6 +8,9 @@
 //! that reason the modules refer to each other with `super::`, never
 //! `crate::`, and use only crates the root crate also depends on.
 
+pub mod connection;
+pub mod framing;
 pub mod metrics_request;
+pub mod model;
 pub mod prefixes;
 pub mod proxy;
