@@ -421,11 +421,7 @@ impl Conn {
     /// Input bytes read but not answered yet (a PROXY or request head, or
     /// unanswered lines).
     pub fn pending_input(&self) -> usize {
-        let head = match &self.state {
-            State::ProxyHeader { head, .. } | State::Request { head, .. } => head.len(),
-            _ => 0,
-        };
-        head + self.framer.len()
+        self.bufs.as_ref().map_or(0, |b| b.head.len() + b.framer.len())
     }
 
     /// Heap bytes held by the connection's buffers.

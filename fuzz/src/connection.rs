@@ -6,13 +6,14 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use echoloop::admission::Kind;
 use echoloop::config::Config;
-use echoloop::conn::{CloseReason, Conn, Cx, Hints, Io, Next, Scratch, Tally};
+use echoloop::conn::{CloseReason, Conn, Cx, Hints, Io, Next, Scratch, Spare, Tally, Timeouts};
 use echoloop::line::Mode;
+use echoloop::timer::{Clock, Tick};
 
 use super::model;
 
@@ -73,6 +74,9 @@ impl Io for Socket {
         self.write_shut = true;
         Ok(())
     }
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        Ok(SocketAddr::from(([127, 0, 0, 1], 9)))
+    }
 }
 
 /// The limits of the fuzzed connection, small so that every bound is hit.
@@ -114,13 +118,14 @@ pub fn check_connection(input: &[u8]) {
     };
     let mut script: &[u8] = ops;
     let cfg = config(*flags, *bounds);
-    let mut now = Instant::now();
-    let peer = "127.0.0.1:9".parse().unwrap();
-    let mut conn = Conn::new(Kind::Client, peer, now, &cfg);
+    let clock = Clock::new(cfg.timer_tick(), Instant::now());
+    let timeouts = Timeouts::new(&cfg, &clock);
+    let mut now = Tick::FIRST;
+    let mut conn = Conn::new(Kind::Client, now, &timeouts);
     let mut socket = Socket::default();
     let mut stream = Vec::new();
     let mut read_buf = vec![0u8; cfg.read_budget];
-    let mut spare = BytesMut::new();
+    let mut spare = Spare::default();
     let mut tally = Tally::default();
     let longest_reply = cfg.max_line + 16 + "error: line too long (max 99 bytes)\n".len();
 
@@ -152,9 +157,9 @@ pub fn check_connection(input: &[u8]) {
                 continue;
             }
             5 => {
-                now += Duration::from_millis(250 * arg as u64);
-                match conn.deadline(&cfg) {
-                    Some(due) if due <= now => conn.handle_timeout(now, &cfg),
+                now = now.after(clock.span(Duration::from_millis(250 * arg as u64)));
+                match conn.deadline(&timeouts) {
+                    Some(due) if due <= now => conn.handle_timeout(now, &timeouts),
                     _ => Next::Keep,
                 }
             }
@@ -170,6 +175,7 @@ pub fn check_connection(input: &[u8]) {
                 };
                 let mut cx = Cx {
                     cfg: &cfg,
+                    timeouts: &timeouts,
                     now,
                     tally: &mut tally,
                     metrics: &[],
@@ -212,7 +218,7 @@ pub fn check_connection(input: &[u8]) {
                 return;
             }
             Next::Keep | Next::Again => {
-                if let Some(due) = conn.deadline(&cfg) {
+                if let Some(due) = conn.deadline(&timeouts) {
                     assert!(due > now, "asks to be woken in the past");
                 }
             }
