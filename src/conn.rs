@@ -421,7 +421,9 @@ impl Conn {
     /// Input bytes read but not answered yet (a PROXY or request head, or
     /// unanswered lines).
     pub fn pending_input(&self) -> usize {
-        self.bufs.as_ref().map_or(0, |b| b.head.len() + b.framer.len())
+        self.bufs
+            .as_ref()
+            .map_or(0, |b| b.head.len() + b.framer.len())
     }
 
     /// Heap bytes held by the connection's buffers.

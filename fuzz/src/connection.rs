@@ -82,7 +82,11 @@ impl Io for Socket {
 /// The limits of the fuzzed connection, small so that every bound is hit.
 fn config(flags: u8, bounds: u8) -> Config {
     Config {
-        mode: if flags & 1 == 1 { Mode::Raw } else { Mode::Prefix },
+        mode: if flags & 1 == 1 {
+            Mode::Raw
+        } else {
+            Mode::Prefix
+        },
         max_line: usize::from((flags >> 1) & 15),
         max_pending_output: 1 + usize::from(bounds & 63),
         read_budget: 1 + usize::from(bounds >> 6) * 16,
@@ -144,7 +148,9 @@ pub fn check_connection(input: &[u8]) {
                 continue;
             }
             1 => {
-                socket.reads.push_back(Err(io::ErrorKind::Interrupted.into()));
+                socket
+                    .reads
+                    .push_back(Err(io::ErrorKind::Interrupted.into()));
                 continue;
             }
             2 => {
@@ -213,7 +219,11 @@ pub fn check_connection(input: &[u8]) {
         match verdict {
             Next::Close(reason) => {
                 if reason == CloseReason::Eof {
-                    assert_eq!(conn.pending_output(), 0, "closed for eof with replies unsent");
+                    assert_eq!(
+                        conn.pending_output(),
+                        0,
+                        "closed for eof with replies unsent"
+                    );
                 }
                 return;
             }

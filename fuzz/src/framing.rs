@@ -22,7 +22,11 @@ pub fn check_framing(input: &[u8]) {
         return;
     };
     let rules = Rules {
-        mode: if flags & 1 == 1 { Mode::Raw } else { Mode::Prefix },
+        mode: if flags & 1 == 1 {
+            Mode::Raw
+        } else {
+            Mode::Prefix
+        },
         max_line: usize::from((flags >> 1) & 15),
         max_output: match out_bound {
             0 => usize::MAX,

@@ -17,8 +17,9 @@ const STATUSES: [u16; 4] = [200, 400, 404, 405];
 /// (nothing more is ever buffered) and by the blank line that ends a head;
 /// the answer is a well-framed HTTP response with status 200, 400, 404 or
 /// 405; a complete head within the bound gets 400 exactly when it is not
-/// valid HTTP, and 200 exactly when it is `GET /metrics` (with or without a
-/// query).
+/// valid HTTP, and otherwise 200 for `GET` or `HEAD /metrics` (with or
+/// without a query), 405 for any other method there, 404 elsewhere; an
+/// answer to `HEAD` has the headers and no body.
 pub fn check_request(input: &[u8]) {
     let answer = first_final(input, |buf| match metrics::parse_request(buf) {
         Request::Incomplete => None,
@@ -41,7 +42,8 @@ pub fn check_request(input: &[u8]) {
 
     let counters = [Arc::new(Counters::new())];
     let response = metrics::response(request, &counters).expect("a final answer has a response");
-    let status = check_framing(&response);
+    let (method, path) = request_line(input);
+    let status = check_framing(&response, method == b"HEAD");
     assert!(
         STATUSES.contains(&status),
         "status {status} for {request:?}"
@@ -58,9 +60,12 @@ pub fn check_request(input: &[u8]) {
             "status {status} for {head:?}"
         );
         if status != 400 {
-            let line = skip_empty_lines(head);
-            let asks = line.starts_with(b"GET /metrics ") || line.starts_with(b"GET /metrics?");
-            assert_eq!(status == 200, asks, "status {status} for {head:?}");
+            let expected = match (path, method) {
+                (b"/metrics", b"GET" | b"HEAD") => 200,
+                (b"/metrics", _) => 405,
+                _ => 404,
+            };
+            assert_eq!(status, expected, "status {status} for {head:?}");
         }
     }
 }
@@ -104,10 +109,22 @@ fn skip_empty_lines(mut bytes: &[u8]) -> &[u8] {
     }
 }
 
+/// The method and the path (the target without its query) of the request
+/// line that starts `input` after leading empty lines, split at spaces.
+fn request_line(input: &[u8]) -> (&[u8], &[u8]) {
+    let line = skip_empty_lines(input);
+    let mut words = line.split(|&b| b == b' ');
+    let method = words.next().unwrap_or_default();
+    let target = words.next().unwrap_or_default();
+    let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+    (method, path)
+}
+
 /// Asserts that `response` is an HTTP/1.1 response whose `Content-Length`
-/// is its body's length and which announces `Connection: close`; returns
-/// its status code.
-fn check_framing(response: &[u8]) -> u16 {
+/// is its body's length (for `HEAD`: no body, the length of the `GET`
+/// answer's) and which announces `Connection: close`; returns its status
+/// code.
+fn check_framing(response: &[u8], is_head: bool) -> u16 {
     let text = std::str::from_utf8(response).expect("responses are UTF-8");
     let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
     let mut lines = head.split("\r\n");
@@ -122,7 +139,15 @@ fn check_framing(response: &[u8]) -> u16 {
         .iter()
         .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
         .map(|(_, value)| value.parse::<usize>().expect("a numeric Content-Length"));
-    assert_eq!(length, Some(body.len()), "Content-Length");
+    if is_head && status != 400 && status != 405 {
+        assert!(body.is_empty(), "a body in the answer to HEAD");
+        assert!(
+            length.is_some(),
+            "HEAD is answered with the GET's Content-Length"
+        );
+    } else {
+        assert_eq!(length, Some(body.len()), "Content-Length");
+    }
     assert!(
         headers.contains(&("Connection", "close")),
         "Connection: close"
