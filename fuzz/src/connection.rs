@@ -141,7 +141,8 @@ pub fn check_connection(input: &[u8]) {
             0 => {
                 let (bytes, rest) = script.split_at(arg.min(script.len()));
                 script = rest;
-                if !socket.ended && !socket.reset {
+                // (An empty read would be an EOF, op 2's job.)
+                if !socket.ended && !socket.reset && !bytes.is_empty() {
                     stream.extend_from_slice(bytes);
                     socket.reads.push_back(Ok(bytes.to_vec()));
                 }
