@@ -357,7 +357,7 @@ impl Worker {
                     record(&mut self.tally.connect_latency, established - since);
                     self.progress.connected.fetch_add(1, Ordering::Relaxed);
                     if self.greet {
-                        conn.queue_line(&self.settings.format, now, now);
+                        conn.queue_line(now, now);
                     }
                 }
             }
@@ -371,7 +371,7 @@ impl Worker {
             return;
         };
         for _ in 0..n {
-            conn.queue_line(&self.settings.format, now, now);
+            conn.queue_line(now, now);
         }
         self.service(slot, Read::No, true, now);
     }
@@ -384,7 +384,7 @@ impl Worker {
             return;
         };
         let now = Instant::now();
-        conn.queue_line(&self.settings.format, due, now);
+        conn.queue_line(due, now);
         if self.window.contains(due) {
             self.tally.window_sent += 1;
             record(&mut self.tally.lateness, now.saturating_duration_since(due));
@@ -421,7 +421,7 @@ impl Worker {
         }
         if self.refill {
             for _ in 0..answered {
-                conn.queue_line(&self.settings.format, now, now);
+                conn.queue_line(now, now);
             }
         }
         let written = if writable || conn.has_output() {
