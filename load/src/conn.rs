@@ -56,9 +56,9 @@ impl Conn {
         }
     }
 
-    /// Queues the next line, due at `intended`, at `now` (not written yet:
-    /// call `flush`).
-    pub fn queue_line(&mut self, intended: Instant, now: Instant) {
+    /// Queues the next line, due at `intended`, at `now` (nanoseconds since
+    /// the run's start; not written yet: call `flush`).
+    pub fn queue_line(&mut self, intended: u64, now: u64) {
         if self.out_pos == self.out.len() {
             self.out.clear();
             self.out_pos = 0;
