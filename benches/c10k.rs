@@ -19,7 +19,8 @@
 //!    of the latency percentiles.
 //!
 //! A hand-written `benches/c10k-analysis.md`, when present, is copied into
-//! `BENCHMARKS.md` under "Analysis".
+//! `BENCHMARKS.md` under "Analysis", followed by the hand-written
+//! `benches/idle-analysis.md` and `benches/open-loop-analysis.md`.
 //!
 //! After the rounds, a short soak (`echoloop-load --mode soak`: good
 //! ping-pong clients among abusive ones, the server's memory, descriptors
@@ -1222,13 +1223,16 @@ fn benchmarks_md(doc: &Doc) -> String {
         let _ = writeln!(d);
     }
     // The idle figures at 19,900 connections and the million-connection
-    // bill are measured by hand (two load processes, /proc/slabinfo): kept
-    // beside this file too.
-    let idle = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/idle-analysis.md");
-    if let Ok(text) = std::fs::read_to_string(&idle) {
-        let _ = writeln!(d);
-        let _ = write!(d, "{}", text.trim_end());
-        let _ = writeln!(d);
+    // bill are measured by hand (two load processes, /proc/slabinfo), and
+    // so is where the open-loop tail comes from (runs under chrt, the
+    // server's run-queue wait): kept beside this file too.
+    for name in ["benches/idle-analysis.md", "benches/open-loop-analysis.md"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(name);
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let _ = writeln!(d);
+            let _ = write!(d, "{}", text.trim_end());
+            let _ = writeln!(d);
+        }
     }
     let _ = writeln!(d, "\n## Every run\n");
     let _ = writeln!(

@@ -5,7 +5,7 @@
 //! shows only on the server (memory, descriptors, starving the good
 //! clients) are checked by `soak` around them.
 
-use crate::line::{LineFormat, Proto, reply_to, show};
+use crate::line::{Head, LineFormat, Proto, reply_to, show};
 use crate::tally::ErrorKind;
 use socket2::SockRef;
 use std::io::{self, Read, Write};
@@ -263,7 +263,7 @@ fn non_reader(ctx: &Ctx, id: u32) -> Result<(), String> {
     while Instant::now() < ctx.until {
         out.clear();
         for _ in 0..64 {
-            format.push_line(&mut out, id, seq);
+            format.push_line(&mut out, &Head::new(id), seq);
             seq += 1;
         }
         match (&s).write(&out) {
@@ -285,13 +285,14 @@ fn firehose(ctx: &Ctx, id: u32, seq: &mut u64) -> Result<(), String> {
         crlf: false,
         proto: ctx.proto,
     };
+    let head = Head::new(id);
     let (mut lines, mut want, mut got) = (Vec::new(), Vec::new(), Vec::new());
     while Instant::now() < ctx.until {
         lines.clear();
         want.clear();
         for _ in 0..FIREHOSE_BATCH {
-            format.push_line(&mut lines, id, *seq);
-            format.push_reply(&mut want, id, *seq);
+            format.push_line(&mut lines, &head, *seq);
+            format.push_reply(&mut want, &head, *seq);
             *seq += 1;
         }
         s.write_all(&lines)
@@ -325,8 +326,8 @@ fn half_close(ctx: &Ctx, id: u32) -> Result<(), String> {
     };
     let (mut sent, mut want) = (Vec::new(), Vec::new());
     for seq in 0..2 {
-        format.push_line(&mut sent, id, seq);
-        format.push_reply(&mut want, id, seq);
+        format.push_line(&mut sent, &Head::new(id), seq);
+        format.push_reply(&mut want, &Head::new(id), seq);
     }
     let tail = format!("c{id} unterminated tail").into_bytes();
     sent.extend_from_slice(&tail);

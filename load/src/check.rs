@@ -19,19 +19,19 @@
 //!   the due line (`raw` instead of `prefix` or back): that is a server in
 //!   the other mode, and the run can stop at once with a hint.
 
-use crate::line::{LineFormat, Proto};
+use crate::line::{Head, LineFormat, Numbered, Proto};
 use std::collections::VecDeque;
-use std::time::Instant;
 
 /// A line that was sent and awaits its reply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InFlight {
     pub seq: u64,
     /// When the line was due (rate mode: its place on the schedule; other
-    /// modes: when it was sent).
-    pub intended: Instant,
-    /// When the line was handed to the socket.
-    pub sent: Instant,
+    /// modes: when it was sent), in nanoseconds since the run's start:
+    /// plain integers, so the latency of a reply is one subtraction.
+    pub intended: u64,
+    /// When the line was handed to the socket (nanoseconds, as `intended`).
+    pub sent: u64,
 }
 
 /// The judgement on one received reply line.
@@ -67,7 +67,8 @@ const RECENT: usize = 8;
 /// grows past `format.max_reply_len()`.
 #[derive(Debug)]
 pub struct Checker {
-    conn: u32,
+    /// The head of the connection's lines (its id).
+    head: Head,
     format: LineFormat,
     inflight: VecDeque<InFlight>,
     skipped: Vec<InFlight>,
@@ -77,14 +78,15 @@ pub struct Checker {
     discarding: bool,
     /// A received line that matched nothing, judged with the next one.
     suspect: Option<Vec<u8>>,
-    /// Reused buffer for expected replies.
-    scratch: Vec<u8>,
+    /// The reply expected next in the common case (the one after the last
+    /// answered line), compared whole instead of read field by field.
+    expected: Numbered,
 }
 
 impl Checker {
     pub fn new(conn: u32, format: LineFormat) -> Self {
         Checker {
-            conn,
+            head: Head::new(conn),
             format,
             inflight: VecDeque::new(),
             skipped: Vec::new(),
@@ -92,13 +94,13 @@ impl Checker {
             partial: Vec::new(),
             discarding: false,
             suspect: None,
-            scratch: Vec::new(),
+            expected: Numbered::reply(format, Head::new(conn)),
         }
     }
 
     /// Notes that line `seq`, due at `intended`, was sent at `sent`.
     /// Sequence numbers must rise.
-    pub fn sent(&mut self, seq: u64, intended: Instant, sent: Instant) {
+    pub fn sent(&mut self, seq: u64, intended: u64, sent: u64) {
         debug_assert!(self.inflight.back().is_none_or(|l| l.seq < seq));
         self.inflight.push_back(InFlight {
             seq,
@@ -164,13 +166,22 @@ impl Checker {
     }
 
     /// Is `got` the reply owed for line `seq`?
-    fn is_reply(&mut self, seq: u64, got: &[u8]) -> bool {
-        self.scratch.clear();
-        self.format.push_reply(&mut self.scratch, self.conn, seq);
-        self.scratch == got
+    fn is_reply(&self, seq: u64, got: &[u8]) -> bool {
+        if seq == self.expected.seq() {
+            got == self.expected.bytes()
+        } else {
+            self.format.is_reply(got, &self.head, seq)
+        }
     }
 
+    /// Notes that line `seq` was answered: the reply of `seq + 1` is
+    /// likely next.
     fn remember(&mut self, seq: u64) {
+        if seq == self.expected.seq() {
+            self.expected.advance();
+        } else if seq != u64::MAX {
+            self.expected.set(seq + 1);
+        }
         if self.recent.len() == RECENT {
             self.recent.pop_front();
         }
@@ -198,13 +209,12 @@ impl Checker {
         } else {
             self.skipped.remove(0);
         }
-        self.scratch.clear();
-        self.format
-            .push_reply(&mut self.scratch, self.conn, due.seq);
+        let mut expected = Vec::new();
+        self.format.push_reply(&mut expected, &self.head, due.seq);
         self.remember(due.seq);
         on(Verdict::Altered {
             seq: due.seq,
-            expected: self.scratch.clone(),
+            expected,
             got,
         });
     }
@@ -258,9 +268,7 @@ impl Checker {
         }
         if let Some(due) = self.due() {
             let other = self.format.other_proto();
-            self.scratch.clear();
-            other.push_reply(&mut self.scratch, self.conn, due.seq);
-            if self.scratch == got {
+            if other.is_reply(got, &self.head, due.seq) {
                 return on(Verdict::OtherProto {
                     seq: due.seq,
                     answers_in: other.proto,
@@ -283,15 +291,14 @@ mod tests {
 
     fn reply(seq: u64) -> Vec<u8> {
         let mut v = Vec::new();
-        FMT.push_reply(&mut v, 3, seq);
+        FMT.push_reply(&mut v, &Head::new(3), seq);
         v
     }
 
     fn run(sent: &[u64], stream: &[u8], chunk: usize) -> (Vec<Verdict>, Checker) {
-        let t = Instant::now();
         let mut c = Checker::new(3, FMT);
         for &s in sent {
-            c.sent(s, t, t);
+            c.sent(s, 0, 0);
         }
         let mut out = Vec::new();
         for piece in stream.chunks(chunk) {
@@ -383,7 +390,7 @@ mod tests {
     #[test]
     fn raw_echo_of_a_prefix_line_names_raw() {
         let mut line = Vec::new();
-        FMT.push_line(&mut line, 3, 0);
+        FMT.push_line(&mut line, &Head::new(3), 0);
         let (v, _) = run(&[0], &line, 4);
         assert_eq!(
             v,

@@ -4,7 +4,7 @@
 //! caller knows a new edge will come), retrying `Interrupted`.
 
 use crate::check::{Checker, Verdict};
-use crate::line::LineFormat;
+use crate::line::{Head, LineFormat, Numbered};
 use mio::net::TcpStream;
 use std::io::{self, Read, Write};
 use std::time::Instant;
@@ -36,8 +36,8 @@ pub struct Conn {
     /// When `connect()` was called; `Some` while the connection is in progress.
     pub connecting_since: Option<Instant>,
     pub checker: Checker,
-    /// Sequence number of the next line.
-    next_seq: u64,
+    /// The next line to send (its sequence number is the count sent).
+    next: Numbered,
     out: Vec<u8>,
     out_pos: usize,
 }
@@ -50,27 +50,27 @@ impl Conn {
             stream,
             connecting_since: Some(now),
             checker: Checker::new(id, format),
-            next_seq: 0,
+            next: Numbered::line(format, Head::new(id)),
             out: Vec::new(),
             out_pos: 0,
         }
     }
 
-    /// Queues the next line, due at `intended`, at `now` (not written yet:
-    /// call `flush`).
-    pub fn queue_line(&mut self, format: &LineFormat, intended: Instant, now: Instant) {
+    /// Queues the next line, due at `intended`, at `now` (nanoseconds since
+    /// the run's start; not written yet: call `flush`).
+    pub fn queue_line(&mut self, intended: u64, now: u64) {
         if self.out_pos == self.out.len() {
             self.out.clear();
             self.out_pos = 0;
         }
-        format.push_line(&mut self.out, self.id, self.next_seq);
-        self.checker.sent(self.next_seq, intended, now);
-        self.next_seq += 1;
+        self.out.extend_from_slice(self.next.bytes());
+        self.checker.sent(self.next.seq(), intended, now);
+        self.next.advance();
     }
 
     /// Lines sent so far.
     pub fn lines_sent(&self) -> u64 {
-        self.next_seq
+        self.next.seq()
     }
 
     /// Are queued bytes waiting to be written?

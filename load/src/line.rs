@@ -2,7 +2,9 @@
 //! and the exact reply the server owes for it, in prefix and raw mode.
 //!
 //! Both are pure functions of their arguments, so a reply never needs to be
-//! stored: the checker rebuilds the expected bytes when the reply arrives.
+//! stored. The hot paths (a line per send, a reply check per reply) step a
+//! `Numbered` line or reply to the next sequence number in place, and
+//! `is_reply` checks any other reply without building it.
 
 /// Which reply the server must give for a line (SPEC section 1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -42,46 +44,203 @@ impl Proto {
     }
 }
 
+/// The start of every line of one connection, `c<conn> s`, formatted once
+/// when the connection is made rather than for every line and reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Head {
+    /// `c`, at most 10 digits, ` s`.
+    bytes: [u8; 13],
+    len: u8,
+}
+
+impl Head {
+    /// The head of connection `conn`'s lines.
+    pub fn new(conn: u32) -> Head {
+        let mut bytes = [0; 13];
+        let mut digits = itoa::Buffer::new();
+        let id = digits.format(conn).as_bytes();
+        bytes[0] = b'c';
+        bytes[1..1 + id.len()].copy_from_slice(id);
+        bytes[1 + id.len()..3 + id.len()].copy_from_slice(b" s");
+        Head {
+            bytes,
+            len: (3 + id.len()) as u8,
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+}
+
+/// One connection's line, or the reply owed for it, for one sequence
+/// number at a time, kept as bytes and stepped to the next number in place
+/// (a carry over its digits) rather than formatted anew: the sender and the
+/// checker each need one per line, in sequence order.
+#[derive(Clone, Debug)]
+pub struct Numbered {
+    format: LineFormat,
+    head: Head,
+    /// The reply rather than the line.
+    reply: bool,
+    seq: u64,
+    bytes: Vec<u8>,
+    /// Where the digits of `seq` sit in `bytes`.
+    digits: std::ops::Range<usize>,
+}
+
+impl Numbered {
+    /// Line 0 of connection `head`.
+    pub fn line(format: LineFormat, head: Head) -> Numbered {
+        Numbered::new(format, head, false)
+    }
+
+    /// The reply owed for line 0 of connection `head`.
+    pub fn reply(format: LineFormat, head: Head) -> Numbered {
+        Numbered::new(format, head, true)
+    }
+
+    fn new(format: LineFormat, head: Head, reply: bool) -> Numbered {
+        let mut n = Numbered {
+            format,
+            head,
+            reply,
+            seq: 0,
+            bytes: Vec::new(),
+            digits: 0..0,
+        };
+        n.set(0);
+        n
+    }
+
+    /// Its sequence number.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The bytes for `seq()`.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Moves to sequence number `seq`, formatting it.
+    pub fn set(&mut self, seq: u64) {
+        self.seq = seq;
+        self.bytes.clear();
+        let start = if self.reply && self.format.proto == Proto::Prefix {
+            PREFIX.len()
+        } else {
+            0
+        } + self.head.len as usize;
+        if self.reply {
+            self.format.push_reply(&mut self.bytes, &self.head, seq);
+        } else {
+            self.format.push_line(&mut self.bytes, &self.head, seq);
+        }
+        let len = self.bytes[start..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        self.digits = start..start + len;
+    }
+
+    /// Moves to the next sequence number.
+    pub fn advance(&mut self) {
+        for d in self.bytes[self.digits.clone()].iter_mut().rev() {
+            if *d == b'9' {
+                *d = b'0';
+            } else {
+                *d += 1;
+                self.seq += 1;
+                return;
+            }
+        }
+        // All nines: one digit more, and less padding.
+        self.set(self.seq + 1);
+    }
+}
+
 impl LineFormat {
     /// Length of the terminator: 1 for `\n`, 2 for `\r\n`.
     fn terminator_len(&self) -> usize {
-        if self.crlf { 2 } else { 1 }
+        self.terminator().len()
     }
 
-    /// Appends the content of line (`conn`, `seq`): `c<conn> s<seq> ` padded
-    /// with `x` up to `line_len` minus the terminator.
-    fn push_content(&self, out: &mut Vec<u8>, conn: u32, seq: u64) {
+    fn terminator(&self) -> &'static [u8] {
+        if self.crlf { b"\r\n" } else { b"\n" }
+    }
+
+    /// Content bytes wanted before the terminator.
+    fn content_len(&self) -> usize {
+        self.line_len.saturating_sub(self.terminator_len())
+    }
+
+    /// Appends the content of line (`head`, `seq`): `c<conn> s<seq> `
+    /// padded with `x` up to `line_len` minus the terminator.
+    fn push_content(&self, out: &mut Vec<u8>, head: &Head, seq: u64) {
         let start = out.len();
-        // itoa rather than `write!`: this runs twice per line (the line and
-        // its expected reply), and fmt was a sixth of the tool's CPU.
-        out.push(b'c');
-        out.extend_from_slice(itoa::Buffer::new().format(conn).as_bytes());
-        out.extend_from_slice(b" s");
+        // itoa rather than `write!`, and the head formatted once per
+        // connection (the hot paths step a `Numbered` instead).
+        out.extend_from_slice(head.as_bytes());
         out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
         out.push(b' ');
-        let want = self.line_len.saturating_sub(self.terminator_len());
         let have = out.len() - start;
-        if have < want {
-            out.resize(start + want, b'x');
+        if have < self.content_len() {
+            out.resize(start + self.content_len(), b'x');
         }
     }
 
-    /// Appends the request line for (`conn`, `seq`), terminator included.
-    pub fn push_line(&self, out: &mut Vec<u8>, conn: u32, seq: u64) {
-        self.push_content(out, conn, seq);
-        out.extend_from_slice(if self.crlf { b"\r\n" } else { b"\n" });
+    /// Appends the request line for (`head`, `seq`), terminator included.
+    pub fn push_line(&self, out: &mut Vec<u8>, head: &Head, seq: u64) {
+        self.push_content(out, head, seq);
+        out.extend_from_slice(self.terminator());
     }
 
-    /// Appends the exact reply the server owes for line (`conn`, `seq`).
-    pub fn push_reply(&self, out: &mut Vec<u8>, conn: u32, seq: u64) {
+    /// Appends the exact reply the server owes for line (`head`, `seq`).
+    pub fn push_reply(&self, out: &mut Vec<u8>, head: &Head, seq: u64) {
         match self.proto {
-            Proto::Raw => self.push_line(out, conn, seq),
+            Proto::Raw => self.push_line(out, head, seq),
             Proto::Prefix => {
                 out.extend_from_slice(PREFIX);
-                self.push_content(out, conn, seq);
+                self.push_content(out, head, seq);
                 out.extend_from_slice(SUFFIX);
             }
         }
+    }
+
+    /// Is `got` exactly the reply owed for line (`head`, `seq`)? The same
+    /// answer as comparing it with `push_reply`'s bytes, without building
+    /// them: this runs for every reply received.
+    pub fn is_reply(&self, got: &[u8], head: &Head, seq: u64) -> bool {
+        let content = match self.proto {
+            Proto::Raw => got.strip_suffix(self.terminator()),
+            Proto::Prefix => got
+                .strip_prefix(PREFIX)
+                .and_then(|g| g.strip_suffix(SUFFIX)),
+        };
+        content.is_some_and(|c| self.is_content(c, head, seq))
+    }
+
+    /// Is `content` what `push_content` appends for (`head`, `seq`)? The
+    /// digits are read rather than `seq` formatted: cheaper, and the only
+    /// spelling `push_content` makes is the shortest one.
+    fn is_content(&self, content: &[u8], head: &Head, seq: u64) -> bool {
+        let Some(rest) = content.strip_prefix(head.as_bytes()) else {
+            return false;
+        };
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        let shortest = digits == 1 || (digits > 1 && rest[0] != b'0');
+        let value = rest[..digits].iter().try_fold(0u64, |n, &d| {
+            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        });
+        let Some(padding) = rest[digits..].strip_prefix(b" ") else {
+            return false;
+        };
+        let have = content.len() - padding.len();
+        shortest
+            && value == Some(seq)
+            && padding.len() == self.content_len().saturating_sub(have)
+            && padding.iter().all(|&b| b == b'x')
     }
 
     /// The same lines, answered in the other protocol: what a server in
@@ -145,7 +304,7 @@ mod tests {
     #[test]
     fn line_is_padded_to_line_len() {
         let mut v = Vec::new();
-        fmt(16, false, Proto::Prefix).push_line(&mut v, 7, 3);
+        fmt(16, false, Proto::Prefix).push_line(&mut v, &Head::new(7), 3);
         assert_eq!(v, b"c7 s3 xxxxxxxxx\n");
         assert_eq!(v.len(), 16);
     }
@@ -153,7 +312,7 @@ mod tests {
     #[test]
     fn line_grows_when_ids_do_not_fit() {
         let mut v = Vec::new();
-        fmt(4, false, Proto::Raw).push_line(&mut v, 12345, 678);
+        fmt(4, false, Proto::Raw).push_line(&mut v, &Head::new(12345), 678);
         assert_eq!(v, b"c12345 s678 \n");
     }
 
@@ -161,8 +320,8 @@ mod tests {
     fn prefix_reply_chomps_crlf() {
         let f = fmt(10, true, Proto::Prefix);
         let (mut line, mut reply) = (Vec::new(), Vec::new());
-        f.push_line(&mut line, 1, 2);
-        f.push_reply(&mut reply, 1, 2);
+        f.push_line(&mut line, &Head::new(1), 2);
+        f.push_reply(&mut reply, &Head::new(1), 2);
         assert_eq!(line, b"c1 s2 xx\r\n");
         assert_eq!(reply, b"you said: c1 s2 xx!\n");
         assert!(reply.len() <= f.max_reply_len());
@@ -172,8 +331,8 @@ mod tests {
     fn raw_reply_is_the_line() {
         let f = fmt(12, true, Proto::Raw);
         let (mut line, mut reply) = (Vec::new(), Vec::new());
-        f.push_line(&mut line, 9, 9);
-        f.push_reply(&mut reply, 9, 9);
+        f.push_line(&mut line, &Head::new(9), 9);
+        f.push_reply(&mut reply, &Head::new(9), 9);
         assert_eq!(line, reply);
     }
 
@@ -184,6 +343,58 @@ mod tests {
         assert_eq!(reply_to(Proto::Prefix, b"tail"), b"you said: tail!\n");
         assert_eq!(reply_to(Proto::Raw, b"\x00\xff\r\n"), b"\x00\xff\r\n");
         assert_eq!(reply_to(Proto::Raw, b"tail"), b"tail");
+    }
+
+    #[test]
+    fn is_reply_agrees_with_push_reply_byte_for_byte() {
+        let formats = [4, 16, 40].into_iter().flat_map(|len| {
+            [
+                (false, Proto::Prefix),
+                (true, Proto::Prefix),
+                (false, Proto::Raw),
+                (true, Proto::Raw),
+            ]
+            .map(|(crlf, proto)| fmt(len, crlf, proto))
+        });
+        for f in formats {
+            for (conn, seq) in [(0, 10), (7, 3), (u32::MAX, u64::MAX), (12, 99)] {
+                let head = Head::new(conn);
+                let mut reply = Vec::new();
+                f.push_reply(&mut reply, &head, seq);
+                assert!(f.is_reply(&reply, &head, seq), "{f:?} {}", show(&reply, 99));
+                assert!(!f.is_reply(&reply, &head, seq ^ 1));
+                assert!(!f.is_reply(&reply, &Head::new(conn ^ 1), seq));
+                assert!(!f.is_reply(&reply, &head, seq / 10));
+                for i in 0..reply.len() {
+                    assert!(!f.is_reply(&reply[..i], &head, seq));
+                    let mut bad = reply.clone();
+                    bad[i] ^= 0x20;
+                    assert!(!f.is_reply(&bad, &head, seq), "{f:?} byte {i}");
+                    let mut longer = reply.clone();
+                    longer.insert(i, b'x');
+                    assert!(!f.is_reply(&longer, &head, seq), "{f:?} x at {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn numbered_steps_like_formatting_anew() {
+        for f in [fmt(16, false, Proto::Prefix), fmt(4, true, Proto::Raw)] {
+            let head = Head::new(42);
+            let (mut line, mut reply) = (Numbered::line(f, head), Numbered::reply(f, head));
+            for seq in 0..1200 {
+                let (mut want_line, mut want_reply) = (Vec::new(), Vec::new());
+                f.push_line(&mut want_line, &head, seq);
+                f.push_reply(&mut want_reply, &head, seq);
+                assert_eq!((line.seq(), line.bytes()), (seq, &want_line[..]));
+                assert_eq!((reply.seq(), reply.bytes()), (seq, &want_reply[..]));
+                line.advance();
+                reply.advance();
+            }
+            reply.set(u64::MAX);
+            assert!(f.is_reply(reply.bytes(), &head, u64::MAX));
+        }
     }
 
     #[test]

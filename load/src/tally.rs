@@ -99,8 +99,12 @@ pub fn new_histogram() -> Histogram<u64> {
 
 /// Records a duration into a nanosecond histogram (at least 1 ns).
 pub fn record(h: &mut Histogram<u64>, d: Duration) {
-    let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1);
-    h.saturating_record(ns);
+    record_ns(h, u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+}
+
+/// Records `ns` nanoseconds into `h` (at least 1, as `record`).
+pub fn record_ns(h: &mut Histogram<u64>, ns: u64) {
+    h.saturating_record(ns.max(1));
 }
 
 /// Everything one worker thread measured. Plain data; `merge` adds another.

@@ -8,7 +8,7 @@ use crate::check::Verdict;
 use crate::conn::{Conn, ReadEnd};
 use crate::line::{LineFormat, show};
 use crate::net;
-use crate::tally::{ErrorKind, Tally, record};
+use crate::tally::{ErrorKind, Tally, record, record_ns};
 use mio::{Events, Interest, Poll, Token};
 use std::collections::VecDeque;
 use std::io;
@@ -189,13 +189,7 @@ impl Worker {
 
     /// How the replies of this worker are judged.
     fn judge_ctx(&self, id: u32, now: Instant) -> Judge {
-        Judge {
-            id,
-            now,
-            t0: self.settings.t0,
-            window: self.window,
-            open_loop: self.open_loop,
-        }
+        Judge::new(id, now, self.settings.t0, self.window, self.open_loop)
     }
 
     /// Starts connection `id` in empty slot `slot`; its deadline is
@@ -357,7 +351,8 @@ impl Worker {
                     record(&mut self.tally.connect_latency, established - since);
                     self.progress.connected.fetch_add(1, Ordering::Relaxed);
                     if self.greet {
-                        conn.queue_line(&self.settings.format, now, now);
+                        let at = nanos(self.settings.t0, now);
+                        conn.queue_line(at, at);
                     }
                 }
             }
@@ -370,8 +365,9 @@ impl Worker {
         let Some(conn) = self.slots[slot].as_mut() else {
             return;
         };
+        let at = nanos(self.settings.t0, now);
         for _ in 0..n {
-            conn.queue_line(&self.settings.format, now, now);
+            conn.queue_line(at, at);
         }
         self.service(slot, Read::No, true, now);
     }
@@ -384,7 +380,8 @@ impl Worker {
             return;
         };
         let now = Instant::now();
-        conn.queue_line(&self.settings.format, due, now);
+        let t0 = self.settings.t0;
+        conn.queue_line(nanos(t0, due), nanos(t0, now));
         if self.window.contains(due) {
             self.tally.window_sent += 1;
             record(&mut self.tally.lateness, now.saturating_duration_since(due));
@@ -399,15 +396,14 @@ impl Worker {
             return;
         };
         let mut answered = 0usize;
+        // When the replies arrived, as `InFlight` counts (refills are sent
+        // then too).
+        let mut replied_at = 0;
         let mut end = ReadEnd::Drained;
         if read != Read::No {
-            let ctx = Judge {
-                id: conn.id,
-                now,
-                t0: self.settings.t0,
-                window: self.window,
-                open_loop: self.open_loop,
-            };
+            let t0 = self.settings.t0;
+            let ctx = Judge::new(conn.id, now, t0, self.window, self.open_loop);
+            replied_at = ctx.now;
             let tally = &mut self.tally;
             let short_read_drains = read == Read::Data;
             end = conn.read_some(&mut self.buf, READ_BUDGET, short_read_drains, |v| {
@@ -421,7 +417,7 @@ impl Worker {
         }
         if self.refill {
             for _ in 0..answered {
-                conn.queue_line(&self.settings.format, now, now);
+                conn.queue_line(replied_at, replied_at);
             }
         }
         let written = if writable || conn.has_output() {
@@ -527,66 +523,78 @@ impl Worker {
     }
 }
 
-/// What judging the replies of one connection at one moment needs.
+/// Nanoseconds from `t0` to `t` (0 before it): the clock of `InFlight`.
+fn nanos(t0: Instant, t: Instant) -> u64 {
+    u64::try_from(t.saturating_duration_since(t0).as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// What judging the replies of one connection at one moment needs. Times
+/// are nanoseconds since the run's start, as in `InFlight`.
 #[derive(Clone, Copy)]
 struct Judge {
     /// The connection.
     id: u32,
     /// When the replies arrived.
-    now: Instant,
-    t0: Instant,
-    window: Window,
+    now: u64,
+    /// The measured window, `from <= t < to`.
+    from: u64,
+    to: u64,
     /// Rate mode: count by due time and measure from it (see `Worker`).
     open_loop: bool,
 }
 
 impl Judge {
+    /// Judging replies of connection `id` that arrived at `now`.
+    fn new(id: u32, now: Instant, t0: Instant, window: Window, open_loop: bool) -> Judge {
+        Judge {
+            id,
+            now: nanos(t0, now),
+            from: nanos(t0, window.from),
+            to: nanos(t0, window.to),
+            open_loop,
+        }
+    }
+
     /// Counts one reply verdict into `tally`; true when it settled a line (so
     /// a refill may be sent).
     fn judge(&self, v: Verdict, tally: &mut Tally) -> bool {
         let Judge {
-            id,
-            now,
-            t0,
-            window,
-            ..
+            id, now, from, to, ..
         } = *self;
-        let at = now.saturating_duration_since(t0);
+        let in_window = |t: u64| from <= t && t < to;
+        let at = || Duration::from_nanos(now);
         match v {
             Verdict::Answered(line) if self.open_loop => {
                 tally.replies += 1;
-                if window.contains(line.intended) {
+                if in_window(line.intended) {
                     tally.window_replies += 1;
-                    record(
-                        &mut tally.latency,
-                        now.saturating_duration_since(line.intended),
-                    );
-                    record(
+                    record_ns(&mut tally.latency, now.saturating_sub(line.intended));
+                    record_ns(
                         &mut tally.latency_uncorrected,
-                        now.saturating_duration_since(line.sent),
+                        now.saturating_sub(line.sent),
                     );
                 }
                 true
             }
             Verdict::Answered(line) => {
                 tally.replies += 1;
-                let wait = now.saturating_duration_since(line.sent);
-                tally.longest_wait = tally.longest_wait.max(wait);
-                if window.contains(now) {
+                let wait = now.saturating_sub(line.sent);
+                tally.longest_wait = tally.longest_wait.max(Duration::from_nanos(wait));
+                if in_window(now) {
                     tally.window_replies += 1;
-                    record(&mut tally.latency, wait);
+                    record_ns(&mut tally.latency, wait);
                 }
                 true
             }
             Verdict::OtherProto { seq, answers_in } => {
                 tally.wrong_proto = Some(answers_in);
-                tally.error(ErrorKind::WrongProto, 1, at, || {
+                tally.error(ErrorKind::WrongProto, 1, at(), || {
                     format!("c{id}: reply to s{seq} is the {} reply", answers_in.name())
                 });
                 true
             }
             Verdict::Reordered(line) => {
-                tally.error(ErrorKind::Reordered, 1, at, || {
+                tally.error(ErrorKind::Reordered, 1, at(), || {
                     format!(
                         "c{id}: reply to s{} arrived after the reply to a later line",
                         line.seq
@@ -595,13 +603,13 @@ impl Judge {
                 true
             }
             Verdict::Duplicated { seq } => {
-                tally.error(ErrorKind::Duplicated, 1, at, || {
+                tally.error(ErrorKind::Duplicated, 1, at(), || {
                     format!("c{id}: reply to s{seq} received twice")
                 });
                 false
             }
             Verdict::Altered { seq, expected, got } => {
-                tally.error(ErrorKind::Altered, 1, at, || {
+                tally.error(ErrorKind::Altered, 1, at(), || {
                     let pos = expected.iter().zip(&got).position(|(a, b)| a != b);
                     let pos = pos.unwrap_or(expected.len().min(got.len()));
                     format!(
@@ -613,7 +621,7 @@ impl Judge {
                 true
             }
             Verdict::Extra { got } => {
-                tally.error(ErrorKind::Extra, 1, at, || {
+                tally.error(ErrorKind::Extra, 1, at(), || {
                     format!(
                         "c{id}: reply `{}` while no line was outstanding",
                         show(&got, 80)

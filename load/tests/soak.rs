@@ -9,7 +9,7 @@ use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 
 /// The server limits every soak here runs with (and tells the tool).
 const LIMITS: &[&str] = &[
@@ -104,28 +104,30 @@ fn a_server_that_buffers_without_bound_for_a_non_reader_fails() {
     fails_with(Behaviour::Unbounded, &["--server-pid", &pid], "memory");
 }
 
-/// The real server, built by `cargo build --release --bins` (a whole
-/// `cargo test --workspace` builds it too).
-fn echoloop() -> PathBuf {
+/// A binary built beside this test, `name` relative to the profile
+/// directory (`cargo build --release --bins --examples` builds them all; a
+/// whole `cargo test --workspace` does too).
+fn built(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/<test> -> target/<profile>/echoloop
-    let path = exe.parent().unwrap().parent().unwrap().join("echoloop");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let path = exe.parent().unwrap().parent().unwrap().join(name);
     assert!(
         path.exists(),
-        "{} is missing: run `cargo build --release --bins` (or the whole workspace's tests)",
+        "{} is missing: run `cargo build --release --bins --examples` (or the whole workspace's tests)",
         path.display()
     );
     path
 }
 
-#[test]
-fn echoloop_keeps_every_promise() {
-    for raw in [false, true] {
-        let mut cmd = Command::new(echoloop());
-        cmd.args(["--listen", "127.0.0.1:0"]).args(LIMITS);
-        if raw {
-            cmd.arg("--raw");
-        }
+/// A server process started from `cmd`, killed when dropped.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Server {
+    /// Starts `cmd` and reads the address from its `Echoing on ADDR` line.
+    fn start(mut cmd: Command) -> Server {
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -135,15 +137,61 @@ fn echoloop_keeps_every_promise() {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        let addr: SocketAddr = line
+        let addr = line
             .split_whitespace()
             .find_map(|w| w.trim_end_matches(',').parse().ok())
             .unwrap_or_else(|| panic!("no address in `{line}`"));
-        let pid = child.id().to_string();
+        Server { child, addr }
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_server_that_spins_once_its_clients_leave_fails() {
+    // Its own process: the CPU it burns must not be this test process's.
+    let mut cmd = Command::new(built("examples/spinning_server"));
+    cmd.args(["--listen", "127.0.0.1:0"]);
+    let server = Server::start(cmd);
+    let (out, v) = soak(server.addr, &["--server-pid", &server.pid()]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let share = v["soak"]["server"]["quiet_cpu_share"].as_f64();
+    assert!(
+        share > Some(0.05),
+        "quiet CPU {share:?}: {}",
+        describe(&out)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("broken [soak] spin: with no client left the server used"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn echoloop_keeps_every_promise() {
+    for raw in [false, true] {
+        let mut cmd = Command::new(built("echoloop"));
+        cmd.args(["--listen", "127.0.0.1:0"]).args(LIMITS);
+        if raw {
+            cmd.arg("--raw");
+        }
+        let server = Server::start(cmd);
         let proto = if raw { "raw" } else { "prefix" };
-        let (out, v) = soak(addr, &["--server-pid", &pid, "--proto", proto]);
-        let _ = child.kill();
-        let _ = child.wait();
+        let (out, v) = soak(
+            server.addr,
+            &["--server-pid", &server.pid(), "--proto", proto],
+        );
+        drop(server);
         assert_eq!(out.status.code(), Some(0), "raw={raw}: {}", describe(&out));
         assert_eq!(v["soak"]["broken"].as_array().map(Vec::len), Some(0));
         for kind in [
