@@ -244,11 +244,16 @@ fn listen_is_ignored_under_activation_with_a_warning() {
     let daemon = Server::start_cmd(activated(&listener, &["--listen", "127.0.0.1:0"]), &[], 1);
     drop(listener);
     assert_eq!(daemon.addr(), addr, "{}", daemon.stderr());
-    let log = daemon.stderr();
-    assert!(
-        log.lines()
-            .any(|l| l.contains("WARN") && l.contains("--listen 127.0.0.1:0 ignored")),
-        "{log}"
+    // The log is read on a thread of its own: wait for the line.
+    let warned = |s: &Server| {
+        s.stderr()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("--listen 127.0.0.1:0 ignored"))
+    };
+    daemon.wait_until(
+        Duration::from_secs(5),
+        "the ignored --listen warning",
+        warned,
     );
     // Without --listen on the command line there is nothing to warn about.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
