@@ -24,7 +24,8 @@
 //! one `match` on the state. Each arm does one step with helpers that return
 //! named outcomes (`Read`, [`Framed`](crate::line::Framed), `Wrote`) and
 //! says where to go next; only the arms change the state, through
-//! `Conn::set_state`, which logs each real change at `trace`.
+//! `Conn::set_state`, which logs each real change at `trace` (the one
+//! exception: the `Lingering` arm counts down its own byte allowance).
 //!
 //! # Invariants
 //! - In [`State::Open`] the framer holds at most one partial line of at most
@@ -36,10 +37,13 @@
 //! - Only a completed line moves `last_line` (slowloris: trickled bytes do
 //!   not keep a connection alive).
 //! - One `write` phase per turn, after the reads: all replies of a turn's
-//!   reads leave together.
-//! - A connection is closed only once its client's EOF has been read, or
-//!   after lingering: closing with unread input would send an RST that can
-//!   destroy the last reply (SPEC.md §1).
+//!   reads leave together (a paused connection that drains below half
+//!   answers the lines that waited and writes them in a second phase).
+//! - A connection with replies to deliver is closed only once its client's
+//!   EOF has been read, or after lingering: closing with unread input would
+//!   send an RST that can destroy the last reply (SPEC.md §1). Those with
+//!   nothing to deliver (no valid PROXY header, a shutdown before the
+//!   header or request was in, a reset) close at once.
 
 use crate::admission::Kind;
 use crate::config::Config;
@@ -60,7 +64,8 @@ pub use crate::metrics::CloseReason;
 
 /// What a connection is doing, with what only that state needs. Closed is
 /// not a state: a [`Next::Close`] makes the loop release the socket, the
-/// slab slot and the timer at once.
+/// slab slot at once (its timer entry is not searched for: it is dropped
+/// when it fires, its generation no longer matching).
 #[derive(Debug, PartialEq, Eq)]
 pub enum State {
     /// `--proxy-protocol`: collecting the PROXY header (in the buffers'
@@ -476,6 +481,10 @@ impl Conn {
                     debug!("no complete PROXY header in time");
                     CloseReason::Proxy
                 }
+                State::Request { .. } | State::Flushing { until: Some(_), .. } => {
+                    debug!("request timeout (a metrics or busy client not done in time)");
+                    CloseReason::Idle
+                }
                 _ => {
                     let ticks = u32::try_from(now.since(self.last_line)).unwrap_or(u32::MAX);
                     debug!("idle for {:?} (to the tick)", timeouts.tick * ticks);
@@ -531,8 +540,8 @@ impl Conn {
         cx: &mut Cx,
     ) -> Next {
         let mut bufs = self.bufs.take().unwrap_or_else(|| scratch.spare.lend());
-        let mut reader = Reader::new(scratch.input, hints, budget, shutdown);
-        let next = self.drive(io, &mut reader, &mut bufs, cx);
+        let mut reader = Reader::new(scratch.input, hints, budget);
+        let next = self.drive(io, &mut reader, shutdown, &mut bufs, cx);
         cx.tally.received += reader.received as u64;
         self.bufs = scratch.spare.take_back(bufs);
         next
@@ -540,10 +549,12 @@ impl Conn {
 
     /// The state machine: the only place the state changes. Each arm takes
     /// one step and says where to go; the turn ends when an arm is done.
+    /// `shutdown`: this is the server's shutdown turn.
     fn drive(
         &mut self,
         io: &mut impl Io,
         reader: &mut Reader,
+        shutdown: bool,
         bufs: &mut Buffers,
         cx: &mut Cx,
     ) -> Next {
@@ -552,14 +563,10 @@ impl Conn {
             max_line: cx.cfg.max_line,
             max_output: cx.cfg.max_pending_output,
         };
-        let shutdown = reader.shutdown;
         loop {
             let step = match self.state {
                 // ProxyHeader: collect the header; the bytes after it are
                 // handed back to the reader as the client's first input.
-                State::ProxyHeader { .. } if shutdown => {
-                    Step::Done(Next::Close(CloseReason::Shutdown))
-                }
                 State::ProxyHeader { .. } => match reader.read(io, reader.fin) {
                     Read::Data(data) => match take_header(&mut bufs.head, data, &mut bufs.client) {
                         Header::Incomplete => Step::Stay,
@@ -570,6 +577,11 @@ impl Conn {
                             Step::Go(State::Open { fin: false })
                         }
                     },
+                    // Shutdown: a client whose header is not all in goes;
+                    // one whose header (and lines) came is answered in Open.
+                    Read::Dry | Read::Later if shutdown => {
+                        Step::Done(Next::Close(CloseReason::Shutdown))
+                    }
                     Read::Dry => Step::Done(Next::Keep),
                     Read::Later => Step::Done(Next::Again),
                     Read::Eof => {
@@ -824,8 +836,6 @@ struct Reader<'a> {
     dry: bool,
     /// The poller saw the client's FIN.
     fin: bool,
-    /// This is the server's shutdown turn.
-    shutdown: bool,
     /// `buf[replay..end]` was handed back by [`Reader::unread`].
     replay: usize,
     /// The end of the last read's bytes in `buf`.
@@ -849,13 +859,12 @@ enum Read<'a> {
 }
 
 impl<'a> Reader<'a> {
-    fn new(buf: &'a mut [u8], hints: Hints, budget: usize, shutdown: bool) -> Reader<'a> {
+    fn new(buf: &'a mut [u8], hints: Hints, budget: usize) -> Reader<'a> {
         Reader {
             buf,
             budget,
             dry: !hints.readable,
             fin: hints.read_closed,
-            shutdown,
             replay: 0,
             end: 0,
             received: 0,
@@ -1308,11 +1317,27 @@ mod tests {
     fn proxy_header_shutdown_closes_at_once() {
         let mut h = Harness::with(proxy_config());
         let mut conn = conn_proxy_header(&h);
-        let mut io = Script::new();
+        let mut io = Script::new().data(b"PROXY TCP4 10.0.0.1");
         assert_eq!(
             h.shutdown(&mut conn, &mut io),
             Next::Close(CloseReason::Shutdown)
         );
+    }
+
+    #[test]
+    fn proxy_header_shutdown_answers_the_lines_already_sent() {
+        let mut h = Harness::with(proxy_config());
+        let mut conn = conn_proxy_header(&h);
+        let mut io = Script::new().data(b"PROXY TCP4 10.0.0.1 10.0.0.2 5000 80\r\nhi\nhal");
+        assert_eq!(h.shutdown(&mut conn, &mut io), Next::Keep);
+        assert_eq!(io.written, said(b"hi"), "the unfinished line is not a line");
+        assert!(matches!(
+            conn.state(),
+            State::Lingering {
+                reason: CloseReason::Shutdown,
+                ..
+            }
+        ));
     }
 
     // ----- Request ----------------------------------------------------------

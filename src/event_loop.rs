@@ -199,11 +199,6 @@ struct Conns {
 }
 
 impl Conns {
-    /// The slot of `id`, if that connection still lives (generation checked).
-    fn get(&mut self, id: ConnId) -> Option<&mut Slot> {
-        slot_mut(&mut self.slab, id)
-    }
-
     fn ids(&self) -> Vec<ConnId> {
         self.slab
             .iter()
@@ -553,9 +548,10 @@ impl EventLoop {
         }
     }
 
-    /// Releases the socket, the slab slot and (by generation) the timer.
+    /// Releases the socket and the slab slot. The timer entry is not
+    /// searched for: when it fires its generation no longer matches.
     fn close(&mut self, id: ConnId, reason: CloseReason) {
-        if self.conns.get(id).is_none() {
+        if slot_mut(&mut self.conns.slab, id).is_none() {
             return;
         }
         let mut slot = self.conns.slab.remove(id.key as usize);
@@ -573,7 +569,7 @@ impl EventLoop {
     fn serve_ready(&mut self, now: Instant) {
         let mut ids = std::mem::take(&mut self.conns.ready);
         for &id in &ids {
-            if let Some(slot) = self.conns.get(id) {
+            if let Some(slot) = slot_mut(&mut self.conns.slab, id) {
                 slot.queued = false;
                 let hints = Hints {
                     readable: true,

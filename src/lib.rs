@@ -57,7 +57,8 @@
 //!    timer wheel is not touched. When its entry fires, the connection is
 //!    closed if really idle, else the entry is re-armed for the remainder.
 //! 5. When the reads are done, `write_out` sends all the turn's replies in
-//!    one `write`. What the kernel does not take stays queued, and
+//!    one write phase (one `write` unless the socket fills up). What the
+//!    kernel does not take stays queued, and
 //!    `EventLoop::settle` registers WRITABLE only then (only when
 //!    [`conn::Conn::interest`] changed). At `--max-pending-output` unsent
 //!    bytes the connection pauses (no reading, no framing) until below half.
@@ -66,7 +67,7 @@
 //!    ([`conn::Scratch`]) instead of allocating.
 //!
 //! So one line passes through `run` → `EventLoop::drive` → `handle_io` →
-//! `Conn::drive` → `Reader::read` → `Framer::push` → `answer_lines` →
+//! `Conn::turn` → `Conn::drive` → `Reader::read` → `Framer::push` → `answer_lines` →
 //! `next_line` → `write_reply` → `write_out` → `EventLoop::settle`.
 //!
 //! ## Connection states ([`conn::State`])
@@ -74,9 +75,9 @@
 //! | state | reads | writes | leaves when |
 //! |---|---|---|---|
 //! | `ProxyHeader` | the header only | — | header parsed → `Open` (bytes after it are lines); invalid, EOF or `--proxy-header-timeout` → close (`proxy`) |
-//! | `Request` | an HTTP head | — | complete → the `/metrics` page (or 404/400) queued, `Flushing` |
+//! | `Request` | an HTTP head | — | complete → the `/metrics` page (or 404/405/400) queued, `Flushing`; EOF or the request timeout → close |
 //! | `Open` | yes, per budget | replies | EOF → `Flushing` (then close); too long → `Flushing` (then linger); backlog full → `Paused` |
-//! | `Paused` | no | backlog | backlog < half → `Open` (buffered lines answered at once), or `Flushing` when shutting down |
+//! | `Paused` | no | backlog | backlog < half → `Open` (buffered lines answered at once), or `Flushing` when shutting down or when a buffered line is too long |
 //! | `Flushing` | no | backlog | backlog empty → close if the client's EOF was read, else `Lingering` |
 //! | `Lingering` | discards | — (write side shut) | client EOF, 64 KiB or 2 s → close |
 //!
@@ -91,8 +92,9 @@
 //! for: the entry carries the slot's generation and is dropped unread when
 //! it fires (at most one idle timeout later), so the wheel holds at most one
 //! stale entry per connection closed in the last idle period.
-//! Idle timeout (`Lingering` has its own 2 s bound instead) and connection
-//! reset close from any state.
+//! The idle timeout closes `Open`, `Paused` and `Flushing` echo clients
+//! (`ProxyHeader`, `Request`, busy and metrics connections and `Lingering`
+//! have their own bounds instead); a reset closes from any state.
 //!
 //! ## Where each SPEC.md rule lives
 //!

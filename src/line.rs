@@ -9,8 +9,8 @@
 //!   exactly as it arrived, terminator included;
 //! - bytes are opaque: nothing is decoded;
 //! - a line whose content exceeds `max_line` is [`Frame::TooLong`], and this
-//!   is decided while the line is still arriving, so an unterminated line can
-//!   never grow a buffer past `max_line + 1` bytes.
+//!   is decided while the line is still arriving, so an unterminated line
+//!   never grows a buffer past `max_line + 1` bytes plus one read.
 //!
 //! [`Framer`] is what a connection uses: it owns the unfinished line between
 //! reads, joins it with the next read, and answers every complete line into
@@ -185,8 +185,9 @@ pub struct Framed {
 /// Invariant: after [`Framer::push`] or [`Framer::resume`] returned
 /// [`Stop::Incomplete`], the framer holds at most one unfinished line (no
 /// `\n`) of at most `max_line + 1` bytes. After [`Stop::Full`] it may also
-/// hold whole lines; then only [`Framer::resume`] may be called until it
-/// answers `Incomplete` again. An empty framer owns no heap.
+/// hold whole lines, and a tail not checked yet (at most one read in all);
+/// then only [`Framer::resume`] may be called until it answers `Incomplete`
+/// again. An empty framer owns no heap.
 #[derive(Debug, Default)]
 pub struct Framer {
     /// Unanswered input.
