@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -194,26 +194,6 @@ fn threads_2_serves_connections_on_both_loops() {
 }
 
 // ----- metrics -------------------------------------------------------------------
-
-/// Sends `request` to the metrics address and returns the whole answer.
-fn http(addr: SocketAddr, request: &str) -> String {
-    let mut c = connect(addr);
-    c.write_all(request.as_bytes()).unwrap();
-    String::from_utf8(read_to_eof(&mut c)).unwrap()
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> String {
-    http(addr, &format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n"))
-}
-
-fn metric(page: &str, name: &str) -> u64 {
-    page.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("{name} not in:\n{page}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
 
 /// Waits until the metric reads `value`.
 fn wait_metric(server: &Server, name: &str, value: u64) {

@@ -266,3 +266,421 @@ fn clock_ticks() -> u64 {
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     u64::try_from(ticks).expect("sysconf(_SC_CLK_TCK)")
 }
+
+// ----- live upgrade (SIGUSR2) ----------------------------------------------
+
+/// What a successful hand-over logged, checked against both sides' lines:
+/// the old process's `upgrade: N listeners and M connections handed to pid
+/// P` and the new one's `upgrade: took over N listeners and M connections
+/// from pid P`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Handover {
+    pub listeners: usize,
+    pub connections: usize,
+    pub from: u32,
+    pub to: u32,
+}
+
+/// A server started from its own copy of the binary, in a fresh directory,
+/// with `--pid-file` there: an upgrade runs whatever that path then holds,
+/// so a test breaks an upgrade by replacing the file.
+///
+/// After an upgrade the serving process is no longer our child. When
+/// dropped, every process the pid file ever named is killed (SIGKILL) if it
+/// still runs our copy of the binary; nothing else is touched.
+pub struct Upgradable {
+    /// The process we started, its startup lines and the log of every
+    /// process after it (they inherit its stderr).
+    pub server: Server,
+    pub exe: std::path::PathBuf,
+    pub pid_file: std::path::PathBuf,
+    /// Every pid read from the pid file.
+    named: Mutex<Vec<u32>>,
+    dir: tempfile::TempDir,
+}
+
+impl Upgradable {
+    /// Starts `echoloop --listen 127.0.0.1:0 <args> --pid-file PATH`.
+    pub fn start(args: &[&str]) -> Upgradable {
+        let mut full = vec!["--listen", "127.0.0.1:0"];
+        full.extend_from_slice(args);
+        Upgradable::start_with(|_| {}, &full, 1)
+    }
+
+    /// Starts `echoloop <args> --pid-file PATH` from a copy of the binary,
+    /// after `setup` has adjusted the command (environment, limits), waits
+    /// for `lines` startup lines and for the pid file to name it.
+    pub fn start_with(setup: impl FnOnce(&mut Command), args: &[&str], lines: usize) -> Upgradable {
+        let dir = tempfile::Builder::new()
+            .prefix("echoloop-upgrade-")
+            .tempdir()
+            .expect("create temp dir");
+        let exe = dir.path().join("echoloop");
+        install_executable(
+            &exe,
+            &std::fs::read(env!("CARGO_BIN_EXE_echoloop")).unwrap(),
+        );
+        let pid_file = dir.path().join("echoloop.pid");
+        let mut full = args.to_vec();
+        let pid_arg = pid_file.to_str().unwrap().to_owned();
+        full.extend_from_slice(&["--pid-file", &pid_arg]);
+        let mut cmd = Command::new(&exe);
+        setup(&mut cmd);
+        let server = Server::start_cmd(cmd, &full, lines);
+        let up = Upgradable {
+            server,
+            exe,
+            pid_file,
+            named: Mutex::new(Vec::new()),
+            dir,
+        };
+        let pid = up.server.pid();
+        up.server
+            .wait_until(Duration::from_secs(5), "the pid file", |_| {
+                up.pid_file_pid() == Some(pid)
+            });
+        up
+    }
+
+    /// The pid the pid file names, if it exists. Panics if it holds
+    /// anything but `<pid>\n` (it is written whole, by a rename).
+    pub fn pid_file_pid(&self) -> Option<u32> {
+        let pid = read_pid_file(&self.pid_file).unwrap_or_else(|e| panic!("{e}"))?;
+        let mut named = self.named.lock().unwrap();
+        if !named.contains(&pid) {
+            named.push(pid);
+        }
+        Some(pid)
+    }
+
+    /// The pid of the process serving now, as the pid file names it.
+    pub fn serving(&self) -> u32 {
+        self.pid_file_pid()
+            .unwrap_or_else(|| panic!("no pid file; log:\n{}", self.server.stderr()))
+    }
+
+    /// Sends `sig` to the process serving now.
+    pub fn signal(&self, sig: i32) {
+        signal_pid(self.serving(), sig);
+    }
+
+    pub fn stderr(&self) -> String {
+        self.server.stderr()
+    }
+
+    /// Sends SIGUSR2 to the serving process and waits until the hand-over
+    /// is done: both sides logged it, the pid file names the new process,
+    /// the old one exited (with status 0, when it is our child) and did not
+    /// remove the pid file on its way out.
+    pub fn upgrade(&mut self) -> Handover {
+        let from = self.serving();
+        let done = handovers(&self.stderr()).len();
+        signal_pid(from, libc::SIGUSR2);
+        let within = Duration::from_secs(10);
+        self.server
+            .wait_until(within, "the old process's hand-over line", |s| {
+                handovers(&s.stderr()).len() > done
+            });
+        let (listeners, connections, to) = handovers(&self.stderr())[done];
+        self.server
+            .wait_until(within, "the new process's take-over line", |s| {
+                takeovers(&s.stderr()).contains(&(listeners, connections, from))
+            });
+        self.server
+            .wait_until(within, "the pid file to name the new process", |_| {
+                self.pid_file_pid() == Some(to)
+            });
+        let log = self.stderr();
+        assert!(
+            log.contains(&format!("upgrade: starting {}", self.exe.display())),
+            "no `upgrade: starting {}` line:\n{log}",
+            self.exe.display()
+        );
+        if from == self.server.pid() {
+            let status = self.server.wait_exit(within);
+            assert_eq!(
+                status,
+                Some(0),
+                "old process's exit status; log:\n{}",
+                self.stderr()
+            );
+        } else {
+            self.server
+                .wait_until(within, "the old process to exit", |_| !alive(from));
+        }
+        assert_eq!(
+            self.pid_file_pid(),
+            Some(to),
+            "the old process touched the pid file after handing over"
+        );
+        Handover {
+            listeners,
+            connections,
+            from,
+            to,
+        }
+    }
+
+    /// Replaces the binary upgrades run (by a rename, as a package manager
+    /// would) with `contents`, executable.
+    pub fn replace_exe(&self, contents: &[u8]) {
+        let next = self.dir.path().join("echoloop.next");
+        install_executable(&next, contents);
+        std::fs::rename(&next, &self.exe).expect("rename over the binary");
+    }
+
+    /// Puts the real binary back.
+    pub fn restore_exe(&self) {
+        self.replace_exe(&std::fs::read(env!("CARGO_BIN_EXE_echoloop")).unwrap());
+    }
+
+    pub fn remove_exe(&self) {
+        std::fs::remove_file(&self.exe).expect("remove the binary");
+    }
+
+    /// Whether `pid` is running a binary from this server's directory (our
+    /// copy, or the copy an upgrade replaced).
+    fn runs_our_binary(&self, pid: u32) -> bool {
+        std::fs::read_link(format!("/proc/{pid}/exe"))
+            .is_ok_and(|exe| exe.starts_with(self.dir.path()))
+    }
+}
+
+impl Drop for Upgradable {
+    fn drop(&mut self) {
+        let mut named = std::mem::take(&mut *self.named.lock().unwrap());
+        named.extend(read_pid_file(&self.pid_file).ok().flatten());
+        for pid in named {
+            if pid != self.server.pid() && self.runs_our_binary(pid) {
+                signal_pid(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// The pid a pid file names: `Ok(None)` if there is no such file, an error
+/// if it holds anything but `<pid>\n`.
+fn read_pid_file(path: &std::path::Path) -> Result<Option<u32>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("read {}: {e}", path.display())),
+    };
+    match text.strip_suffix('\n').map(str::parse::<u32>) {
+        Some(Ok(pid)) => Ok(Some(pid)),
+        _ => Err(format!("the pid file holds {text:?}, not \"<pid>\\n\"")),
+    }
+}
+
+/// Writes `contents` to `path`, mode 755. A child process writes it: a
+/// descriptor open for writing here could leak into a process another test
+/// thread is forking at that moment, and while it lives, running the file
+/// fails with "text file busy".
+fn install_executable(path: &std::path::Path, contents: &[u8]) {
+    let mut sh = Command::new("sh")
+        .args(["-c", r#"cat > "$0" && chmod 755 "$0""#])
+        .arg(path)
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("run sh");
+    sh.stdin.take().unwrap().write_all(contents).unwrap();
+    assert!(sh.wait().unwrap().success(), "install {}", path.display());
+}
+
+/// Sends `sig` to `pid` (ours, or one a pid file of ours named).
+pub fn signal_pid(pid: u32, sig: i32) {
+    // SAFETY: kill(2) has no memory effects on this process.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// The log's messages: each line without env_logger's `[time LEVEL target] `.
+pub fn messages(log: &str) -> impl Iterator<Item = &str> {
+    log.lines()
+        .map(|l| l.split_once("] ").map_or(l, |(_, msg)| msg))
+}
+
+/// `N listener(s) and M connection(s) <rest>` → (N, M, rest).
+fn counts(text: &str) -> Option<(usize, usize, &str)> {
+    let mut words = text.splitn(6, ' ');
+    let n = words.next()?.parse().ok()?;
+    words.next().filter(|w| w.starts_with("listener"))?;
+    words.next().filter(|w| *w == "and")?;
+    let m = words.next()?.parse().ok()?;
+    words.next().filter(|w| w.starts_with("connection"))?;
+    Some((n, m, words.next()?))
+}
+
+/// Every `upgrade: N listeners and M connections handed to pid P` line, in
+/// order: (N, M, P).
+pub fn handovers(log: &str) -> Vec<(usize, usize, u32)> {
+    messages(log)
+        .filter_map(|m| {
+            let (n, c, rest) = counts(m.strip_prefix("upgrade: ")?)?;
+            Some((n, c, rest.strip_prefix("handed to pid ")?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Every `upgrade: took over N listeners and M connections from pid P`
+/// line, in order: (N, M, P).
+pub fn takeovers(log: &str) -> Vec<(usize, usize, u32)> {
+    messages(log)
+        .filter_map(|m| {
+            let (n, c, rest) = counts(m.strip_prefix("upgrade: took over ")?)?;
+            Some((n, c, rest.strip_prefix("from pid ")?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Whether `pid` runs (exists and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| !stat[stat.rfind(')').unwrap() + 2..].starts_with('Z'))
+}
+
+/// The live children of `pid` (read from every process's /proc stat).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut kids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // After the `)`: state, then the parent's pid.
+        let mut fields = stat[stat.rfind(')').unwrap() + 2..].split_whitespace();
+        let state = fields.next();
+        if fields.next() == Some(pid.to_string().as_str()) && state != Some("Z") {
+            kids.push(child);
+        }
+    }
+    kids
+}
+
+/// What each open descriptor of `pid` points at (`socket:[123]`, a path…),
+/// by descriptor number.
+pub fn fd_targets(pid: u32) -> Vec<(u32, String)> {
+    let mut fds: Vec<(u32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let fd = e.file_name().to_str()?.parse().ok()?;
+            let target = std::fs::read_link(e.path()).ok()?;
+            Some((fd, target.display().to_string()))
+        })
+        .collect();
+    fds.sort();
+    fds
+}
+
+/// One TCP socket of this network namespace, as /proc/net/tcp{,6} shows it.
+#[derive(Clone, Debug)]
+pub struct TcpEntry {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// Bytes received that its owner has not read yet.
+    pub rx_queue: u64,
+    pub inode: u64,
+}
+
+/// Every TCP socket of this network namespace.
+pub fn tcp_sockets() -> Vec<TcpEntry> {
+    let mut all = Vec::new();
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(remote)) = (proc_net_addr(f[1]), proc_net_addr(f[2])) else {
+                continue;
+            };
+            let rx_queue = u64::from_str_radix(f[4].split_once(':').unwrap().1, 16).unwrap();
+            all.push(TcpEntry {
+                local,
+                remote,
+                rx_queue,
+                inode: f[9].parse().unwrap(),
+            });
+        }
+    }
+    all
+}
+
+/// `0100007F:1F90` (the address as the kernel's 32-bit words in host
+/// order, the port in hex) → `127.0.0.1:8080`.
+fn proc_net_addr(text: &str) -> Option<SocketAddr> {
+    let (ip, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut bytes = Vec::with_capacity(16);
+    for word in (0..ip.len()).step_by(8) {
+        let w = u32::from_str_radix(ip.get(word..word + 8)?, 16).ok()?;
+        bytes.extend_from_slice(&w.to_ne_bytes());
+    }
+    let ip: std::net::IpAddr = match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok()?.into(),
+        16 => <[u8; 16]>::try_from(bytes).ok()?.into(),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// The server's end of the client connection `c`.
+pub fn server_end(c: &TcpStream) -> Option<TcpEntry> {
+    let (ours, theirs) = (c.local_addr().unwrap(), c.peer_addr().unwrap());
+    tcp_sockets()
+        .into_iter()
+        .find(|e| e.local == theirs && e.remote == ours)
+}
+
+/// Waits until the server has read everything `c` sent (its end's receive
+/// queue is empty), so what was sent is in the server's own buffers.
+pub fn wait_read_by_server(server: &Server, c: &TcpStream) {
+    server.wait_until(
+        Duration::from_secs(5),
+        "the server to read what we sent",
+        |_| server_end(c).is_some_and(|e| e.rx_queue == 0),
+    );
+}
+
+// ----- metrics ---------------------------------------------------------------
+
+/// Sends `request` to the metrics address and returns the whole answer.
+pub fn http(addr: SocketAddr, request: &str) -> String {
+    let mut c = connect(addr);
+    c.write_all(request.as_bytes()).unwrap();
+    String::from_utf8(read_to_eof(&mut c)).unwrap()
+}
+
+/// `GET path` from the metrics address; the whole answer.
+pub fn http_get(addr: SocketAddr, path: &str) -> String {
+    http(addr, &format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n"))
+}
+
+/// The value of the metric `name` on a metrics page.
+pub fn metric(page: &str, name: &str) -> u64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} not in:\n{page}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Sets the open-file limit (soft and hard) of what `cmd` starts.
+pub fn limit_nofile(cmd: &mut Command, nofile: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec the closure only calls setrlimit(2),
+    // which is async-signal-safe, allocates nothing and touches no memory
+    // of the parent.
+    unsafe {
+        cmd.pre_exec(move || rlimit::setrlimit(rlimit::Resource::NOFILE, nofile, nofile));
+    }
+}

@@ -1,0 +1,757 @@
+//! Live upgrade (SIGUSR2), black-box: the serving process hands every
+//! listener and every connection, with its whole state, to a new process
+//! started from the binary's path, and the clients notice nothing but a
+//! short pause. Also what happens when the new binary is missing, exits,
+//! or never becomes ready, signals during an upgrade, and a new process
+//! that refuses an offer in a format it does not know.
+//!
+//! Each server runs from its own copy of the binary (see
+//! [`common::Upgradable`]): a test breaks an upgrade by replacing that
+//! file. After an upgrade the serving process is not our child; its pid
+//! comes from the pid file.
+
+mod common;
+
+use common::*;
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// A stand-in for the new binary that exits at once.
+const EXITS_AT_ONCE: &[u8] = b"#!/bin/sh\nexit 1\n";
+/// A stand-in for the new binary that runs but never takes anything over.
+const NEVER_READY: &[u8] = b"#!/bin/sh\nexec sleep 60\n";
+
+/// How long a log line may take to show up after what it reports.
+const LOG_DELAY: Duration = Duration::from_secs(10);
+
+/// The load generator built next to the server.
+fn load_tool() -> std::path::PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_echoloop")).with_file_name("echoloop-load")
+}
+
+/// The metrics page of whatever process serves `up` now.
+fn metrics_of(up: &Upgradable) -> String {
+    http_get(
+        up.server.metrics.expect("started with --metrics"),
+        "/metrics",
+    )
+}
+
+/// A client with a line exchanged, so the server has it in its table.
+fn open_client(up: &Upgradable, name: &str) -> TcpStream {
+    let mut c = up.server.connect();
+    exchange(
+        &mut c,
+        format!("{name}\n").as_bytes(),
+        &said(name.as_bytes()),
+    );
+    c
+}
+
+/// Sends the first half of a line and waits until the server has read it.
+fn send_half_line(up: &Upgradable, c: &mut TcpStream) {
+    c.write_all(b"hel").unwrap();
+    wait_read_by_server(&up.server, c);
+}
+
+/// Finishes the line [`send_half_line`] began: exactly one reply comes, the
+/// right one, and nothing after it (the next exchange starts clean).
+fn finish_half_line(c: &mut TcpStream) {
+    exchange(c, b"lo\n", &said(b"hello"));
+    exchange(c, b"next\n", &said(b"next"));
+}
+
+/// Every `upgrade failed: ...; still serving` message, in order.
+fn failures(log: &str) -> Vec<String> {
+    messages(log)
+        .filter(|m| m.starts_with("upgrade failed: ") && m.ends_with("; still serving"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Sends SIGUSR2 to a server whose binary is broken and waits for the
+/// failure: logged at error level, the same process still in the pid file
+/// and running, no child left behind. Returns the failure message and how
+/// long it took.
+fn failed_upgrade(up: &Upgradable) -> (String, Duration) {
+    let pid = up.serving();
+    let before = failures(&up.stderr()).len();
+    let start = Instant::now();
+    signal_pid(pid, libc::SIGUSR2);
+    up.server
+        .wait_until(Duration::from_secs(15), "the upgrade failure", |s| {
+            failures(&s.stderr()).len() > before
+        });
+    let took = start.elapsed();
+    let log = up.stderr();
+    let failure = failures(&log)[before].clone();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(" ERROR ") && l.ends_with(&failure)),
+        "the failure is not logged at error level:\n{log}"
+    );
+    assert_eq!(
+        up.pid_file_pid(),
+        Some(pid),
+        "pid file after a failed upgrade"
+    );
+    assert!(alive(pid), "the old process died:\n{log}");
+    up.server.wait_until(
+        Duration::from_secs(5),
+        "the failed child to be gone",
+        |_| children_of(pid).is_empty(),
+    );
+    assert!(
+        handovers(&log).is_empty(),
+        "a failed upgrade handed over:\n{log}"
+    );
+    (failure, took)
+}
+
+/// A failed upgrade leaves the old process serving everything: an
+/// existing connection answers and finishes the half line it had sent
+/// before the signal, a new one is accepted, and a later upgrade with the
+/// real binary back in place works and keeps the connection.
+fn upgrade_fails_then_recovers(
+    args: &[&str],
+    break_it: impl FnOnce(&Upgradable),
+) -> (String, Duration) {
+    let mut up = Upgradable::start(args);
+    let mut old = open_client(&up, "before");
+    send_half_line(&up, &mut old);
+    break_it(&up);
+    let (failure, took) = failed_upgrade(&up);
+    finish_half_line(&mut old);
+    let mut fresh = up.server.connect();
+    exchange(&mut fresh, b"new\n", &said(b"new"));
+
+    up.restore_exe();
+    send_half_line(&up, &mut old);
+    let h = up.upgrade();
+    assert_eq!(h.connections, 2, "{h:?}");
+    finish_half_line(&mut old);
+    exchange(&mut fresh, b"still\n", &said(b"still"));
+    (failure, took)
+}
+
+// ----- what a client sees --------------------------------------------------
+
+#[test]
+fn a_thousand_ping_pong_connections_see_no_error_across_three_upgrades() {
+    const CONNS: u64 = 1000;
+    assert!(raise_nofile() > 2 * CONNS + 100, "open-file limit too low");
+    let mut up = Upgradable::start_with(
+        |cmd| limit_nofile(cmd, 20_000),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--log-level",
+            "info",
+        ],
+        2,
+    );
+    let load = Command::new(load_tool())
+        .args(["--target", &up.server.addr().to_string()])
+        .args(["--conns", &CONNS.to_string(), "--warmup", "500ms"])
+        .args(["--secs", "8s", "--json", "--quiet"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start echoloop-load (built by `cargo build --workspace --release --bins`)");
+    let mut load = KillOnDrop(load);
+    up.server
+        .wait_until(LOG_DELAY, "every load connection open", |_| {
+            metric(&metrics_of(&up), "echoloop_connections_open") == CONNS
+        });
+    for round in 1..=3 {
+        let lines_before = metric(&metrics_of(&up), "echoloop_lines_total");
+        let h = up.upgrade();
+        assert_eq!(h.listeners, 2, "round {round}: {h:?}");
+        assert!(h.connections >= CONNS as usize, "round {round}: {h:?}");
+        // The counters go on from where the old process left them, and
+        // the connections keep answering in the new one.
+        up.server
+            .wait_until(LOG_DELAY, "lines answered by the new process", |_| {
+                metric(&metrics_of(&up), "echoloop_lines_total") > lines_before
+            });
+        let page = metrics_of(&up);
+        assert_eq!(
+            metric(&page, "echoloop_connections_open"),
+            CONNS,
+            "round {round}"
+        );
+        assert_eq!(
+            metric(&page, "echoloop_connections_accepted_total"),
+            CONNS,
+            "round {round}: the connections are the same ones, the count goes on"
+        );
+    }
+    assert!(
+        load.0.try_wait().unwrap().is_none(),
+        "the load ended before the third upgrade: nothing was tested"
+    );
+    let out = load.wait_output(Duration::from_secs(20));
+    let report = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let json: serde_json::Value = serde_json::from_str(&report)
+        .unwrap_or_else(|e| panic!("echoloop-load --json: {e}: {report}\n{stderr}"));
+    assert_eq!(json["errors"]["total"], 0, "{report}\n{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{report}\n{stderr}");
+    // The tool never reconnects: one connect per connection, and all of them
+    // lasted the whole run (a close would count as closed_early).
+    assert_eq!(json["connects"]["attempted"], CONNS, "{report}");
+    assert_eq!(json["connects"]["established"], CONNS, "{report}");
+    let replies = json["replies_total"].as_u64().unwrap();
+    assert!(replies > 10 * CONNS, "{report}");
+    // Every line the tool was answered was counted once, over four processes.
+    up.server
+        .wait_until(LOG_DELAY, "the load's connections to close", |_| {
+            metric(&metrics_of(&up), "echoloop_connections_open") == 0
+        });
+    let page = metrics_of(&up);
+    assert_eq!(metric(&page, "echoloop_lines_total"), replies, "{page}");
+    assert_eq!(metric(&page, "echoloop_connections_accepted_total"), CONNS);
+    assert_eq!(
+        metric(&page, "echoloop_connections_closed_total{reason=\"eof\"}"),
+        CONNS,
+        "every connection ended by the tool's close: {page}"
+    );
+}
+
+/// A child process killed (if still running) when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl KillOnDrop {
+    /// Waits up to `within` for it to exit; its whole output.
+    fn wait_output(&mut self, within: Duration) -> std::process::Output {
+        let start = Instant::now();
+        while self.0.try_wait().unwrap().is_none() {
+            assert!(start.elapsed() < within, "did not exit within {within:?}");
+            thread::sleep(Duration::from_millis(50));
+        }
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        if let Some(mut o) = self.0.stdout.take() {
+            o.read_to_end(&mut stdout).unwrap();
+        }
+        if let Some(mut e) = self.0.stderr.take() {
+            e.read_to_end(&mut stderr).unwrap();
+        }
+        std::process::Output {
+            status: self.0.wait().unwrap(),
+            stdout,
+            stderr,
+        }
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn half_a_line_before_the_upgrade_and_the_rest_after_get_one_reply() {
+    let mut up = Upgradable::start(&[]);
+    let mut c = open_client(&up, "first");
+    send_half_line(&up, &mut c);
+    let h = up.upgrade();
+    assert_eq!((h.listeners, h.connections), (1, 1), "{h:?}");
+    finish_half_line(&mut c);
+}
+
+/// Fixed-width numbered lines, so a byte count says which lines went out.
+fn numbered_line(i: usize) -> String {
+    format!("line {i:08}\n")
+}
+
+const LINE_LEN: usize = 14;
+
+/// Bytes `from..from + len` of the stream of numbered lines.
+fn numbered_bytes(from: usize, len: usize) -> Vec<u8> {
+    let first = from / LINE_LEN;
+    let lines = (from % LINE_LEN + len).div_ceil(LINE_LEN);
+    let text: String = (first..first + lines).map(numbered_line).collect();
+    text.as_bytes()[from % LINE_LEN..from % LINE_LEN + len].to_vec()
+}
+
+#[test]
+fn a_paused_client_that_did_not_read_gets_its_whole_backlog_after_the_upgrade() {
+    let mut up = Upgradable::start(&["--max-pending-output", "64KiB", "--idle-timeout", "60s"]);
+    let mut c = open_client(&up, "start");
+    // Write until the server stops reading: the client cannot write for a
+    // while and the server's end holds unread input.
+    c.set_nonblocking(true).unwrap();
+    let mut sent = 0;
+    let mut blocked_since: Option<Instant> = None;
+    let give_up = Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.write(&numbered_bytes(sent, 64 * 1024)) {
+            Ok(n) => {
+                sent += n;
+                blocked_since = None;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                let since = *blocked_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_millis(300) {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("client write: {e}"),
+        }
+        assert!(
+            sent < 256 << 20 && Instant::now() < give_up,
+            "the server never paused ({sent} bytes sent)"
+        );
+    }
+    c.set_nonblocking(false).unwrap();
+    assert!(
+        server_end(&c).unwrap().rx_queue > 0,
+        "the server is not paused: it has read everything"
+    );
+    let h = up.upgrade();
+    assert_eq!(h.connections, 1, "{h:?}");
+    // Finish the line the last write cut (on a thread: there is room for
+    // it only once the backlog drains), and take everything.
+    let rest = numbered_bytes(sent, (LINE_LEN - sent % LINE_LEN) % LINE_LEN);
+    sent += rest.len();
+    let mut w = c.try_clone().unwrap();
+    let writer = thread::spawn(move || w.write_all(&rest));
+    let expected: Vec<u8> = (0..sent / LINE_LEN)
+        .flat_map(|i| said(numbered_line(i).trim_end().as_bytes()))
+        .collect();
+    let got = read_n(&mut c, expected.len());
+    if got != expected {
+        let at = got.iter().zip(&expected).position(|(a, b)| a != b).unwrap();
+        panic!(
+            "backlog differs at byte {at} of {}: got {:?}, expected {:?}",
+            expected.len(),
+            String::from_utf8_lossy(&got[at..(at + 40).min(got.len())]),
+            String::from_utf8_lossy(&expected[at..(at + 40).min(expected.len())]),
+        );
+    }
+    writer.join().unwrap().expect("finish the cut line");
+    exchange(&mut c, b"more\n", &said(b"more"));
+}
+
+#[test]
+fn the_idle_timeout_counts_the_time_before_the_upgrade() {
+    let mut up = Upgradable::start(&["--idle-timeout", "2s"]);
+    let mut c = up.server.connect();
+    exchange(&mut c, b"last\n", &said(b"last"));
+    let t0 = Instant::now();
+    thread::sleep(Duration::from_secs(1));
+    up.upgrade();
+    assert!(
+        t0.elapsed() < Duration::from_millis(1800),
+        "the upgrade took until {:?} after the line: too late to tell",
+        t0.elapsed()
+    );
+    wait_closed(&mut c);
+    let closed = t0.elapsed();
+    assert!(
+        closed >= Duration::from_millis(1950),
+        "closed early: {closed:?}"
+    );
+    assert!(
+        closed <= Duration::from_millis(2600),
+        "closed {closed:?} after the last line: the idle time before the upgrade was lost"
+    );
+    up.server
+        .wait_until(LOG_DELAY, "the idle close logged", |s| {
+            s.stderr().contains("closed (idle)")
+        });
+}
+
+#[test]
+fn connections_opened_during_upgrades_are_all_answered() {
+    let mut up = Upgradable::start(&["--log-level", "info"]);
+    let addr = up.server.addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let churn: Vec<_> = (0..2)
+        .map(|t| {
+            let (stop, done) = (stop.clone(), done.clone());
+            thread::spawn(move || -> Result<(), String> {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let line = format!("t{t} c{i}");
+                    let mut c =
+                        TcpStream::connect(addr).map_err(|e| format!("connect {line}: {e}"))?;
+                    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                    c.write_all(format!("{line}\n").as_bytes())
+                        .map_err(|e| format!("write {line}: {e}"))?;
+                    let mut reply = vec![0; said(line.as_bytes()).len()];
+                    c.read_exact(&mut reply)
+                        .map_err(|e| format!("reply to {line}: {e}"))?;
+                    if reply != said(line.as_bytes()) {
+                        return Err(format!("reply to {line}: {reply:?}"));
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                    i += 1;
+                    // Paced: a few thousand connections in all, not a
+                    // port exhaustion test.
+                    thread::sleep(Duration::from_millis(1));
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let wait_more = |up: &Upgradable, what: &str| {
+        let at = done.load(Ordering::Relaxed);
+        up.server.wait_until(LOG_DELAY, what, |_| {
+            done.load(Ordering::Relaxed) >= at + 50 || churn.iter().any(|t| t.is_finished())
+        });
+    };
+    wait_more(&up, "connections before the upgrades");
+    for _ in 0..3 {
+        up.upgrade();
+        wait_more(&up, "connections after an upgrade");
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in churn {
+        if let Err(e) = t.join().unwrap() {
+            panic!("{e} (after {} good ones)", done.load(Ordering::Relaxed));
+        }
+    }
+}
+
+// ----- failed upgrades ------------------------------------------------------
+
+#[test]
+fn a_missing_binary_fails_the_upgrade_and_the_old_process_serves_on() {
+    let (failure, _) = upgrade_fails_then_recovers(&[], |up| up.remove_exe());
+    eprintln!("logged: {failure}");
+}
+
+#[test]
+fn a_binary_that_exits_at_once_fails_the_upgrade_without_waiting_for_the_timeout() {
+    let (failure, took) = upgrade_fails_then_recovers(&["--upgrade-timeout", "10s"], |up| {
+        up.replace_exe(EXITS_AT_ONCE)
+    });
+    eprintln!("logged after {took:?}: {failure}");
+    assert!(
+        took < Duration::from_secs(5),
+        "a new process that exited was noticed only after {took:?}"
+    );
+}
+
+#[test]
+fn a_binary_that_never_gets_ready_is_killed_after_the_upgrade_timeout() {
+    let (failure, took) = upgrade_fails_then_recovers(&["--upgrade-timeout", "1s"], |up| {
+        up.replace_exe(NEVER_READY)
+    });
+    eprintln!("logged after {took:?}: {failure}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "gave up early: {took:?}"
+    );
+    assert!(took < Duration::from_secs(4), "gave up late: {took:?}");
+}
+
+// ----- the process -------------------------------------------------------------
+
+#[test]
+fn after_three_upgrades_the_same_descriptors_hold_the_same_connections() {
+    let mut up = Upgradable::start(&[]);
+    let mut clients: Vec<TcpStream> = (0..20)
+        .map(|i| open_client(&up, &format!("c{i}")))
+        .collect();
+    let tcp_inodes = |pid: u32| -> Vec<u64> {
+        let tcp: Vec<u64> = tcp_sockets().iter().map(|e| e.inode).collect();
+        let mut inodes: Vec<u64> = fd_targets(pid)
+            .iter()
+            .filter_map(|(_, t)| t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok())
+            .filter(|i| tcp.contains(i))
+            .collect();
+        inodes.sort_unstable();
+        inodes
+    };
+    let original = fd_targets(up.server.pid());
+    let original_tcp = tcp_inodes(up.server.pid());
+    assert_eq!(
+        original_tcp.len(),
+        21,
+        "a listener and 20 connections: {original:?}"
+    );
+    for _ in 0..3 {
+        let h = up.upgrade();
+        assert_eq!((h.listeners, h.connections), (1, 20), "{h:?}");
+    }
+    let pid = up.serving();
+    up.server.wait_until(
+        Duration::from_secs(5),
+        "the descriptor count to settle",
+        |_| fd_targets(pid).len() == original.len(),
+    );
+    assert_eq!(
+        tcp_inodes(pid),
+        original_tcp,
+        "not the same TCP sockets: before {original:?}, now {:?}",
+        fd_targets(pid)
+    );
+    for (i, c) in clients.iter_mut().enumerate() {
+        let line = format!("c{i} again");
+        exchange(c, format!("{line}\n").as_bytes(), &said(line.as_bytes()));
+    }
+    assert_eq!(
+        fd_targets(pid).len(),
+        original.len(),
+        "{:?}",
+        fd_targets(pid)
+    );
+}
+
+#[test]
+fn after_an_upgrade_sigterm_shuts_the_new_process_down_and_removes_the_pid_file() {
+    let mut up = Upgradable::start(&[]);
+    let mut c = open_client(&up, "before");
+    let h = up.upgrade();
+    // Replies in flight when the signal comes.
+    c.write_all(b"one\ntwo\n").unwrap();
+    signal_pid(h.to, libc::SIGTERM);
+    let mut expected = said(b"one");
+    expected.extend_from_slice(&said(b"two"));
+    assert_eq!(read_to_eof(&mut c), expected);
+    up.server
+        .wait_until(LOG_DELAY, "the new process to exit", |_| !alive(h.to));
+    assert_eq!(up.pid_file_pid(), None, "the pid file outlived the server");
+}
+
+// ----- signals during an upgrade ---------------------------------------------
+
+#[test]
+fn sigusr2_during_an_upgrade_is_logged_and_ignored() {
+    let up = Upgradable::start(&["--upgrade-timeout", "2s"]);
+    let mut c = open_client(&up, "before");
+    up.replace_exe(NEVER_READY);
+    let pid = up.serving();
+    signal_pid(pid, libc::SIGUSR2);
+    up.server
+        .wait_until(LOG_DELAY, "the upgrade to start", |s| {
+            s.stderr().contains("upgrade: starting ")
+        });
+    signal_pid(pid, libc::SIGUSR2);
+    up.server.wait_until(LOG_DELAY, "the ignored signal", |s| {
+        s.stderr().lines().any(|l| {
+            l.contains(" WARN ") && l.ends_with("upgrade already in progress: signal ignored")
+        })
+    });
+    up.server.wait_until(LOG_DELAY, "the upgrade failure", |s| {
+        !failures(&s.stderr()).is_empty()
+    });
+    // The client is served through it all.
+    exchange(&mut c, b"after\n", &said(b"after"));
+    let log = up.stderr();
+    assert_eq!(log.matches("upgrade: starting ").count(), 1, "{log}");
+    assert_eq!(failures(&log).len(), 1, "{log}");
+}
+
+#[test]
+fn sigterm_while_the_new_binary_is_not_ready_ends_in_a_graceful_shutdown() {
+    let mut up = Upgradable::start(&["--upgrade-timeout", "2s"]);
+    let mut c = open_client(&up, "before");
+    up.replace_exe(NEVER_READY);
+    let pid = up.serving();
+    signal_pid(pid, libc::SIGUSR2);
+    up.server
+        .wait_until(LOG_DELAY, "the never-ready child", |_| {
+            !children_of(pid).is_empty()
+        });
+    let child = children_of(pid)[0];
+    c.write_all(b"one\ntwo\n").unwrap();
+    signal_pid(pid, libc::SIGTERM);
+    let mut expected = said(b"one");
+    expected.extend_from_slice(&said(b"two"));
+    assert_eq!(read_to_eof(&mut c), expected, "{}", up.stderr());
+    assert_eq!(
+        up.server.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        up.stderr()
+    );
+    assert!(!alive(child), "the never-ready child outlived the server");
+    assert_eq!(up.pid_file_pid(), None, "the pid file outlived the server");
+    assert!(handovers(&up.stderr()).is_empty(), "{}", up.stderr());
+}
+
+#[test]
+fn sigterm_right_after_sigusr2_ends_in_a_graceful_shutdown_of_whoever_serves() {
+    // The shutdown may overtake the upgrade or come during it: either way
+    // the clients get every reply and a clean close, and nobody serves on.
+    let mut up = Upgradable::start(&[]);
+    let mut clients: Vec<TcpStream> = (0..4).map(|i| open_client(&up, &format!("c{i}"))).collect();
+    let addr = up.server.addr();
+    for c in clients.iter_mut() {
+        c.write_all(b"one\ntwo\n").unwrap();
+    }
+    let pid = up.serving();
+    signal_pid(pid, libc::SIGUSR2);
+    signal_pid(pid, libc::SIGTERM);
+    let mut expected = said(b"one");
+    expected.extend_from_slice(&said(b"two"));
+    for c in clients.iter_mut() {
+        assert_eq!(read_to_eof(c), expected, "{}", up.stderr());
+    }
+    assert_eq!(up.server.wait_exit(Duration::from_secs(15)), Some(0));
+    up.server
+        .wait_until(Duration::from_secs(15), "the pid file removed", |_| {
+            up.pid_file_pid().is_none()
+        });
+    for (_, _, to) in handovers(&up.stderr()) {
+        up.server
+            .wait_until(LOG_DELAY, "the new process to exit", |_| !alive(to));
+    }
+    assert!(TcpStream::connect(addr).is_err(), "still accepting");
+}
+
+// ----- several loops, PROXY -----------------------------------------------------
+
+#[test]
+fn with_two_loops_every_listener_and_connection_is_handed_over() {
+    let mut up = Upgradable::start_with(
+        |_| {},
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--threads",
+            "2",
+        ],
+        2,
+    );
+    let mut clients: Vec<TcpStream> = (0..32)
+        .map(|i| open_client(&up, &format!("c{i}")))
+        .collect();
+    let on_both =
+        |log: &str| log.contains("accepted by loop 0") && log.contains("accepted by loop 1");
+    assert!(on_both(&up.stderr()), "{}", up.stderr());
+    let h = up.upgrade();
+    assert_eq!(h.listeners, 4, "2 echo + 2 metrics listeners: {h:?}");
+    assert_eq!(h.connections, 32, "{h:?}");
+    for (i, c) in clients.iter_mut().enumerate() {
+        let line = format!("c{i} again");
+        exchange(c, format!("{line}\n").as_bytes(), &said(line.as_bytes()));
+    }
+    // The new process accepts on both loops, and serves metrics.
+    let log_at = up.stderr().len();
+    let fresh: Vec<TcpStream> = (0..32)
+        .map(|i| open_client(&up, &format!("n{i}")))
+        .collect();
+    up.server
+        .wait_until(LOG_DELAY, "new connections on both loops", |s| {
+            on_both(&s.stderr()[log_at..])
+        });
+    drop(fresh);
+    let page = metrics_of(&up);
+    assert_eq!(
+        metric(&page, "echoloop_connections_accepted_total"),
+        64,
+        "{page}"
+    );
+}
+
+#[test]
+fn a_proxy_protocol_client_keeps_its_name_and_an_unfinished_header_completes() {
+    let mut up = Upgradable::start(&["--proxy-protocol"]);
+    let mut named = up.server.connect();
+    exchange(
+        &mut named,
+        b"PROXY TCP4 192.0.2.7 198.51.100.1 5678 1234\r\nbefore\n",
+        &said(b"before"),
+    );
+    let mut halfway = up.server.connect();
+    halfway.write_all(b"PROXY TCP4 192.0.2.8 198.51").unwrap();
+    wait_read_by_server(&up.server, &halfway);
+    let h = up.upgrade();
+    assert_eq!(h.connections, 2, "{h:?}");
+    // Served as clients past their header, not asked for one again.
+    exchange(&mut named, b"after\n", &said(b"after"));
+    exchange(
+        &mut halfway,
+        b".100.1 5679 1234\r\nfinally\n",
+        &said(b"finally"),
+    );
+    let log_at = up.stderr().len();
+    drop(named);
+    drop(halfway);
+    for client in ["192.0.2.7:5678", "192.0.2.8:5679"] {
+        up.server
+            .wait_until(LOG_DELAY, "the close, naming the PROXY client", |s| {
+                messages(&s.stderr()[log_at..])
+                    .any(|m| m.starts_with(client) && m.ends_with("closed (eof)"))
+            });
+    }
+}
+
+// ----- the hand-over format ---------------------------------------------------
+
+#[test]
+fn a_new_process_refuses_an_unknown_hand_over_format_before_serving() {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("echoloop.pid");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_echoloop"));
+    cmd.args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .env("ECHOLOOP_UPGRADE_FD", "3")
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+    // SAFETY: only dup2(2) and fcntl(2), async-signal-safe, between fork and
+    // exec, on a descriptor the parent keeps open until spawn returns.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            let ok = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if ok == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("start echoloop");
+    drop(theirs);
+    let mut child = KillOnDrop(child);
+    let mut offer = b"ECHOLOOP".to_vec();
+    offer.extend_from_slice(&99u32.to_le_bytes());
+    offer.extend_from_slice(&1u32.to_le_bytes());
+    // The new process may have refused and gone already: a failed write is
+    // no failure of the test.
+    let _ = (&ours).write_all(&offer);
+    let out = child.wait_output(Duration::from_secs(10));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("hand-over format version 99")),
+        "{stderr}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "served before refusing: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!pid_file.exists(), "wrote a pid file before refusing");
+    assert!(!stderr.contains("accepted"), "{stderr}");
+}
