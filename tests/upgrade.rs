@@ -428,6 +428,36 @@ fn connections_opened_during_upgrades_are_all_answered() {
     }
 }
 
+#[test]
+fn a_lingering_connection_is_handed_over_and_drops_input_until_the_client_closes() {
+    let mut up = Upgradable::start(&["--max-line", "8"]);
+    let mut c = up.server.connect();
+    c.write_all(b"123456789\n").unwrap();
+    assert_eq!(read_to_eof(&mut c), b"error: line too long (max 8 bytes)\n");
+    // The server has shut its side and lingers (for up to 2 s), dropping
+    // what the client still sends so that its close is no reset.
+    let h = up.upgrade();
+    assert_eq!(h.connections, 1, "the lingering connection: {h:?}");
+    let end = server_end(&c).expect("the server's end");
+    assert!(
+        fd_targets(h.to)
+            .iter()
+            .any(|(_, t)| *t == format!("socket:[{}]", end.inode)),
+        "the new process does not hold the lingering socket"
+    );
+    c.write_all(b"more input\n").unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    up.server.wait_until(LOG_DELAY, "the lingering close", |s| {
+        s.stderr().contains("closed (too_long)")
+    });
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        c.read(&mut buf).map_err(|e| e.kind()),
+        Ok(0),
+        "a clean close, no reset"
+    );
+}
+
 // ----- failed upgrades ------------------------------------------------------
 
 #[test]
@@ -554,6 +584,8 @@ fn sigusr2_during_an_upgrade_is_logged_and_ignored() {
     });
     // The client is served through it all.
     exchange(&mut c, b"after\n", &said(b"after"));
+    // Time for a second upgrade the signal might have queued to show up.
+    thread::sleep(Duration::from_millis(300));
     let log = up.stderr();
     assert_eq!(log.matches("upgrade: starting ").count(), 1, "{log}");
     assert_eq!(failures(&log).len(), 1, "{log}");
@@ -638,7 +670,10 @@ fn with_two_loops_every_listener_and_connection_is_handed_over() {
         .collect();
     let on_both =
         |log: &str| log.contains("accepted by loop 0") && log.contains("accepted by loop 1");
-    assert!(on_both(&up.stderr()), "{}", up.stderr());
+    up.server
+        .wait_until(LOG_DELAY, "connections on both loops", |s| {
+            on_both(&s.stderr())
+        });
     let h = up.upgrade();
     assert_eq!(h.listeners, 4, "2 echo + 2 metrics listeners: {h:?}");
     assert_eq!(h.connections, 32, "{h:?}");

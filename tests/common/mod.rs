@@ -325,6 +325,7 @@ impl Upgradable {
         let pid_arg = pid_file.to_str().unwrap().to_owned();
         full.extend_from_slice(&["--pid-file", &pid_arg]);
         let mut cmd = Command::new(&exe);
+        only_standard_fds(&mut cmd);
         setup(&mut cmd);
         let server = Server::start_cmd(cmd, &full, lines);
         let up = Upgradable {
@@ -487,6 +488,29 @@ fn install_executable(path: &std::path::Path, contents: &[u8]) {
     assert!(sh.wait().unwrap().success(), "install {}", path.display());
 }
 
+/// Starts what `cmd` runs with only stdin, stdout and stderr open, not
+/// with the descriptors the test harness leaves open across exec (cargo's
+/// jobserver pipe), so that descriptor counts say what the server opened.
+fn only_standard_fds(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec the closure only calls close_range(2),
+    // which is async-signal-safe; CLOSE_RANGE_CLOEXEC leaves the
+    // descriptors open until the exec, which std's own report pipe needs.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::close_range(
+                3,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
+            ) == -1
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Sends `sig` to `pid` (ours, or one a pid file of ours named).
 pub fn signal_pid(pid: u32, sig: i32) {
     // SAFETY: kill(2) has no memory effects on this process.
@@ -634,7 +658,7 @@ fn proc_net_addr(text: &str) -> Option<SocketAddr> {
 
 /// The server's end of the client connection `c`.
 pub fn server_end(c: &TcpStream) -> Option<TcpEntry> {
-    let (ours, theirs) = (c.local_addr().unwrap(), c.peer_addr().unwrap());
+    let (ours, theirs) = (c.local_addr().ok()?, c.peer_addr().ok()?);
     tcp_sockets()
         .into_iter()
         .find(|e| e.local == theirs && e.remote == ours)
