@@ -17,6 +17,7 @@ use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser};
 use log::LevelFilter;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// A TCP line-echo daemon: `you said: <line>!` for every line, or the plain
@@ -69,6 +70,16 @@ pub struct Cli {
     /// How long a connection may take to send its whole PROXY header.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_positive_duration)]
     pub proxy_header_timeout: Duration,
+
+    /// Write the serving process's pid here once it serves (rewritten by
+    /// the new process after a live upgrade; removed at exit).
+    #[arg(long, value_name = "PATH")]
+    pub pid_file: Option<PathBuf>,
+
+    /// On SIGUSR2 (live upgrade), how long the new binary may take to be
+    /// ready before the old process gives up and serves on.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_positive_duration)]
+    pub upgrade_timeout: Duration,
 
     /// Log level [default: $RUST_LOG, else info].
     #[arg(long, value_name = "LEVEL", value_parser = level_parser())]

@@ -66,7 +66,7 @@ pub use crate::metrics::CloseReason;
 /// not a state: a [`Next::Close`] makes the loop release the socket, the
 /// slab slot at once (its timer entry is not searched for: it is dropped
 /// when it fires, its generation no longer matching).
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
     /// `--proxy-protocol`: collecting the PROXY header (in the buffers'
     /// `head`); nothing is answered until it parses. Invalid, EOF or `until`
@@ -367,6 +367,27 @@ pub struct Conn {
     bufs: Option<Box<Buffers>>,
 }
 
+/// A connection's whole state as plain data: what a live upgrade hands to
+/// the new process, and what [`Conn::restore`] rebuilds the same
+/// connection from (its socket travels beside it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Saved {
+    /// What it was doing (its ticks are the loop clock's, which the new
+    /// process keeps).
+    pub state: State,
+    /// The tick of its last complete line.
+    pub last_line: Tick,
+    /// Input read but not answered yet (an unfinished line; while paused,
+    /// whole lines too).
+    pub unanswered: Vec<u8>,
+    /// Replies not written yet.
+    pub unsent: Vec<u8>,
+    /// A PROXY header or HTTP request head being collected.
+    pub head: Vec<u8>,
+    /// The client a PROXY header named.
+    pub client: Option<SocketAddr>,
+}
+
 /// The reply to a client over `--max-connections`.
 pub const BUSY_REPLY: &[u8] = b"error: server busy\n";
 
@@ -401,6 +422,36 @@ impl Conn {
             state,
             last_line: now,
             bufs,
+        }
+    }
+
+    /// Everything the connection holds, copied out (the connection is left
+    /// as it was: a failed upgrade goes on serving it).
+    pub fn save(&self) -> Saved {
+        let bufs = self.bufs.as_deref();
+        Saved {
+            state: self.state,
+            last_line: self.last_line,
+            unanswered: bufs.map_or_else(Vec::new, |b| b.framer.pending().to_vec()),
+            unsent: bufs.map_or_else(Vec::new, |b| b.out.to_vec()),
+            head: bufs.map_or_else(Vec::new, |b| b.head.to_vec()),
+            client: bufs.and_then(|b| b.client),
+        }
+    }
+
+    /// The connection [`Conn::save`] described, holding buffers only if it
+    /// has something in them.
+    pub fn restore(saved: Saved) -> Conn {
+        let bufs = Buffers {
+            framer: Framer::holding(&saved.unanswered),
+            out: BytesMut::from(&saved.unsent[..]),
+            head: BytesMut::from(&saved.head[..]),
+            client: saved.client,
+        };
+        Conn {
+            state: saved.state,
+            last_line: saved.last_line,
+            bufs: (!bufs.is_idle()).then(|| Box::new(bufs)),
         }
     }
 

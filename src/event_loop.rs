@@ -19,8 +19,17 @@
 //! of closes hand freed memory back to the system. This file
 //! is mechanism: what a connection does is `conn.rs`, what a new connection
 //! becomes is `admission.rs`, the limits are `config.rs`. The public surface
-//! is [`EventLoop::new`], [`EventLoop::run`] and a [`ShutdownHandle`].
+//! is [`EventLoop::new`] (or [`EventLoop::take_over`], for what a live
+//! upgrade handed over), [`EventLoop::run`] and a [`LoopHandle`].
 //! (`main.rs` runs a second, tiny `Poll` of its own for signals.)
+//!
+//! A live upgrade freezes a loop between two turns ([`LoopHandle::freeze`]):
+//! it describes every listener and connection ([`Frozen`]) and then waits,
+//! reading and writing nothing, for the verdict: [`Verdict::HandedOver`]
+//! (the new process holds the sockets now: `run` returns and the loop's
+//! copies of the descriptors are closed, which ends no connection) or
+//! [`Verdict::Resume`] (the upgrade failed: it serves on as if nothing had
+//! happened, since nothing had).
 //!
 //! Stale tokens: a connection's token carries its slab key *and* a
 //! generation ([`ConnId`]), and so do timer entries and the ready list. A
@@ -30,10 +39,10 @@
 use crate::admission::{self, Counts, Decision, Kind, Limits, Service};
 use crate::config::{Config, MAX_LINGERING_BUSY, MAX_METRICS_CONNS};
 use crate::conn::{
-    BUSY_REPLY, CloseReason, Conn, Cx, Hints, Next, Scratch, Spare, Tally, Timeouts, Want,
+    BUSY_REPLY, CloseReason, Conn, Cx, Hints, Next, Saved, Scratch, Spare, Tally, Timeouts, Want,
 };
 use crate::listener::{self, Accepted};
-use crate::metrics::{self, Counters};
+use crate::metrics::{self, Counters, Snapshot};
 use crate::timer::{Clock, Tick, Timer};
 use log::{debug, error, info, warn};
 use mio::net::{TcpListener, TcpStream};
@@ -41,8 +50,9 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 #[cfg(not(target_pointer_width = "64"))]
@@ -114,21 +124,79 @@ const TRIM_EVERY: Duration = Duration::from_secs(1);
 /// million connections per loop.
 const MAX_RESERVED_SLOTS: usize = 1 << 20;
 
-/// Asks a running loop to shut down gracefully, from any thread.
+/// Asks a running loop, from any thread, to shut down or to hand over.
 #[derive(Clone)]
-pub struct ShutdownHandle {
+pub struct LoopHandle {
     waker: Arc<Waker>,
-    requested: Arc<AtomicBool>,
+    requests: mpsc::Sender<Request>,
 }
 
-impl ShutdownHandle {
+/// What a [`LoopHandle`] asks; the loop reads them when its waker fires.
+enum Request {
+    Shutdown,
+    Freeze(mpsc::Sender<Frozen>),
+}
+
+impl LoopHandle {
     /// Starts the graceful shutdown of the loop (idempotent).
     pub fn shutdown(&self) {
-        self.requested.store(true, Ordering::SeqCst);
-        if let Err(e) = self.waker.wake() {
-            error!("cannot wake an event loop for shutdown: {e}");
+        self.ask(Request::Shutdown);
+    }
+
+    /// Asks the loop to stop at the end of its turn and describe what it
+    /// serves; the [`Frozen`] arrives on the returned channel (nothing
+    /// arrives if the loop has already ended).
+    pub fn freeze(&self) -> mpsc::Receiver<Frozen> {
+        let (tx, rx) = mpsc::channel();
+        self.ask(Request::Freeze(tx));
+        rx
+    }
+
+    fn ask(&self, request: Request) {
+        // A loop that has ended dropped its receiver: nothing to ask.
+        if self.requests.send(request).is_ok()
+            && let Err(e) = self.waker.wake()
+        {
+            error!("cannot wake an event loop: {e}");
         }
     }
+}
+
+/// A loop stopped between two turns for a live upgrade: everything it
+/// serves, and where to send the [`Verdict`] it waits for. The descriptors
+/// stay open (and untouched) until the verdict is sent or this is dropped,
+/// which counts as [`Verdict::Resume`].
+pub struct Frozen {
+    /// Each listening socket and what it serves.
+    pub listeners: Vec<(RawFd, Service)>,
+    /// Each connection's socket, how it is counted, and its state.
+    pub conns: Vec<(RawFd, Kind, Saved)>,
+    /// The loop's counters (its last turn's traffic included).
+    pub counters: Snapshot,
+    /// The clock its ticks count on.
+    pub clock: Clock,
+    /// Where the verdict goes.
+    pub verdict: mpsc::Sender<Verdict>,
+}
+
+/// What a frozen loop does next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Another process serves everything now: return from `run`, closing
+    /// this process's descriptors (the sockets live on in the other).
+    HandedOver,
+    /// The upgrade failed: go on serving.
+    Resume,
+}
+
+/// What a loop of the old process handed over, its sockets open here.
+pub struct Handed {
+    /// Its listening sockets and what each serves.
+    pub listeners: Vec<(std::net::TcpListener, Service)>,
+    /// Its connections: socket, kind and state.
+    pub conns: Vec<(std::net::TcpStream, Kind, Saved)>,
+    /// Its clock (the connections' ticks count on it).
+    pub clock: Clock,
 }
 
 /// What is handed to every loop: the configuration and the few things
@@ -298,8 +366,14 @@ pub struct EventLoop {
     poll: Poll,
     /// Listening sockets (token `LISTENER_BASE - index`); emptied at shutdown.
     listeners: Vec<Listener>,
-    /// Wakes the loop from another thread (shutdown).
+    /// Wakes the loop from another thread (a [`LoopHandle`] request).
     waker: Arc<Waker>,
+    /// What [`LoopHandle`]s ask, read when the waker fires.
+    requests: mpsc::Receiver<Request>,
+    /// Its sender, cloned into every handle.
+    handle_tx: mpsc::Sender<Request>,
+    /// A freeze asked for, done at the end of the turn.
+    freeze_asked: Option<mpsc::Sender<Frozen>>,
     /// The connections, the ready list and the timer wheel.
     conns: Conns,
     /// The read buffer every connection reads into.
@@ -312,8 +386,6 @@ pub struct EventLoop {
     accepting: Accepting,
     /// Returning freed memory.
     trimming: Trimming,
-    /// Set by a [`ShutdownHandle`]; read after the waker fires.
-    shutdown_requested: Arc<AtomicBool>,
     /// Once shutting down: when to drop whatever has not finished.
     shutdown_deadline: Option<Instant>,
     /// Limits and mode.
@@ -331,6 +403,31 @@ impl EventLoop {
         echo: Vec<std::net::TcpListener>,
         metrics: Option<std::net::TcpListener>,
     ) -> io::Result<EventLoop> {
+        let clock = Clock::new(shared.cfg.timer_tick(), Instant::now());
+        let services = echo
+            .into_iter()
+            .map(|l| (l, Service::Echo))
+            .chain(metrics.map(|l| (l, Service::Metrics)));
+        EventLoop::build(shared, index, services.collect(), clock)
+    }
+
+    /// Loop number `index`, serving what a loop of the old process handed
+    /// over in a live upgrade: its listeners, and its connections resumed
+    /// where they were, each served once at the first turn.
+    pub fn take_over(shared: Shared, index: usize, handed: Handed) -> io::Result<EventLoop> {
+        let mut event_loop = EventLoop::build(shared, index, handed.listeners, handed.clock)?;
+        for (stream, kind, saved) in handed.conns {
+            event_loop.adopt(TcpStream::from_std(stream), kind, saved);
+        }
+        Ok(event_loop)
+    }
+
+    fn build(
+        shared: Shared,
+        index: usize,
+        services: Vec<(std::net::TcpListener, Service)>,
+        clock: Clock,
+    ) -> io::Result<EventLoop> {
         let Shared {
             cfg,
             counters,
@@ -338,22 +435,21 @@ impl EventLoop {
         } = shared;
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let services = echo
-            .into_iter()
-            .map(|l| (l, Service::Echo))
-            .chain(metrics.map(|l| (l, Service::Metrics)));
         let mut listeners = Vec::new();
-        for (i, (l, service)) in services.enumerate() {
+        for (i, (l, service)) in services.into_iter().enumerate() {
             let mut socket = TcpListener::from_std(l);
             poll.registry()
                 .register(&mut socket, Token(LISTENER_BASE - i), Interest::READABLE)?;
             listeners.push(Listener { socket, service });
         }
-        let clock = Clock::new(cfg.timer_tick(), Instant::now());
+        let (handle_tx, requests) = mpsc::channel();
         Ok(EventLoop {
             poll,
             listeners,
             waker,
+            requests,
+            handle_tx,
+            freeze_asked: None,
             conns: Conns {
                 // Reserved, not touched: the slab never moves or doubles its
                 // resident memory on the way up to the cap (pages are only
@@ -384,22 +480,22 @@ impl EventLoop {
                 last: None,
                 due: None,
             },
-            shutdown_requested: Arc::new(AtomicBool::new(false)),
             shutdown_deadline: None,
             cfg,
             index,
         })
     }
 
-    /// A handle that asks this loop to shut down.
-    pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle {
+    /// A handle that asks this loop to shut down or to freeze.
+    pub fn handle(&self) -> LoopHandle {
+        LoopHandle {
             waker: self.waker.clone(),
-            requested: self.shutdown_requested.clone(),
+            requests: self.handle_tx.clone(),
         }
     }
 
-    /// Runs until a requested shutdown has finished (or timed out).
+    /// Runs until a requested shutdown has finished (or timed out), or
+    /// until a freeze ended in [`Verdict::HandedOver`].
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         loop {
@@ -420,11 +516,7 @@ impl EventLoop {
             let now = Instant::now();
             for event in events.iter() {
                 match source(event.token()) {
-                    Source::Waker => {
-                        if self.shutdown_requested.load(Ordering::SeqCst) {
-                            self.begin_shutdown(now);
-                        }
-                    }
+                    Source::Waker => self.take_requests(now),
                     Source::Listener(i) => self.accept(i, now),
                     Source::Conn(id) => {
                         let hints = Hints {
@@ -442,7 +534,51 @@ impl EventLoop {
             self.resume_accepting(now);
             self.return_memory(now);
             self.counting.publish();
+            if let Some(reply) = self.freeze_asked.take()
+                && self.freeze(reply) == Verdict::HandedOver
+            {
+                return Ok(());
+            }
         }
+    }
+
+    /// Reads what [`LoopHandle`]s asked: a shutdown starts at once, a
+    /// freeze waits for the end of the turn.
+    fn take_requests(&mut self, now: Instant) {
+        while let Ok(request) = self.requests.try_recv() {
+            match request {
+                Request::Shutdown => self.begin_shutdown(now),
+                Request::Freeze(reply) => self.freeze_asked = Some(reply),
+            }
+        }
+    }
+
+    /// Describes everything this loop serves to the upgrade and waits for
+    /// its verdict, touching no socket meanwhile.
+    fn freeze(&mut self, reply: mpsc::Sender<Frozen>) -> Verdict {
+        let (verdict, wait) = mpsc::channel();
+        let frozen = Frozen {
+            listeners: (self.listeners.iter())
+                .map(|l| (l.socket.as_raw_fd(), l.service))
+                .collect(),
+            conns: (self.conns.slab.iter())
+                .map(|(_, s)| (s.socket.as_raw_fd(), s.kind, s.conn.save()))
+                .collect(),
+            counters: self.counting.mine.snapshot(),
+            clock: self.conns.clock,
+            verdict,
+        };
+        debug!(
+            "loop {}: frozen for an upgrade with {} connection(s)",
+            self.index,
+            frozen.conns.len()
+        );
+        if reply.send(frozen).is_err() {
+            return Verdict::Resume;
+        }
+        let verdict = wait.recv().unwrap_or(Verdict::Resume);
+        debug!("loop {}: {verdict:?}", self.index);
+        verdict
     }
 
     /// Zero while the ready list has work; else until the next timer, the
@@ -723,14 +859,44 @@ impl EventLoop {
     }
 
     /// Takes an admitted connection into the slab and registers it.
-    fn insert(&mut self, mut stream: TcpStream, peer: SocketAddr, kind: Kind, now: Instant) {
+    fn insert(&mut self, stream: TcpStream, peer: SocketAddr, kind: Kind, now: Instant) {
+        let conn = Conn::new(kind, self.conns.clock.at(now), &self.conns.timeouts);
+        let Some(id) = self.place(stream, kind, conn) else {
+            return;
+        };
+        debug!(
+            "{peer} (conn {id}): accepted by loop {} ({kind:?})",
+            self.index
+        );
+        if kind == Kind::Busy {
+            // Its reply is ready: write it now.
+            self.drive(id, Happened::Io(Hints::default()), now);
+        } else {
+            self.settle(id, Next::Keep);
+        }
+    }
+
+    /// Takes a connection the old process handed over: it is counted (its
+    /// accept was counted there), registered for what its state wants and
+    /// served at the first turn (bytes may have arrived meanwhile).
+    fn adopt(&mut self, stream: TcpStream, kind: Kind, saved: Saved) {
+        if kind == Kind::Client {
+            self.counting.live.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(id) = self.place(stream, kind, Conn::restore(saved)) {
+            self.settle(id, Next::Again);
+        }
+    }
+
+    /// Puts a connection in a slot of its own, registered for reading.
+    fn place(&mut self, mut stream: TcpStream, kind: Kind, conn: Conn) -> Option<ConnId> {
         self.counting.opened(kind);
         let entry = self.conns.slab.vacant_entry();
         // Slab keys stay far below u32::MAX (the descriptor limit bounds
         // them), but a token must never be ambiguous.
         let Ok(key) = u32::try_from(entry.key()) else {
             self.counting.closed(kind, CloseReason::Error);
-            return;
+            return None;
         };
         let id = ConnId {
             key,
@@ -740,17 +906,12 @@ impl EventLoop {
         let _ = stream.set_nodelay(true);
         let registry = self.poll.registry();
         if let Err(e) = registry.register(&mut stream, id.token(), Interest::READABLE) {
-            warn!("{peer}: register failed: {e}");
+            warn!("{}: register failed: {e}", conn.peer(&stream));
             self.counting.closed(kind, CloseReason::Error);
-            return;
+            return None;
         }
-        debug!(
-            "{peer} (conn {id}): accepted by loop {} ({kind:?})",
-            self.index
-        );
-        let opened = self.conns.clock.at(now);
         entry.insert(Slot {
-            conn: Conn::new(kind, opened, &self.conns.timeouts),
+            conn,
             armed: None,
             socket: stream,
             generation: id.generation,
@@ -758,12 +919,7 @@ impl EventLoop {
             registered: Want::Read,
             queued: false,
         });
-        if kind == Kind::Busy {
-            // Its reply is ready: write it now.
-            self.drive(id, Happened::Io(Hints::default()), now);
-        } else {
-            self.settle(id, Next::Keep);
-        }
+        Some(id)
     }
 
     // ----- shutdown ------------------------------------------------------------

@@ -258,6 +258,19 @@ impl Framer {
         self.pending = BytesMut::new();
     }
 
+    /// A framer holding `pending` as its unanswered input (a connection
+    /// handed over by a live upgrade).
+    pub fn holding(pending: &[u8]) -> Framer {
+        Framer {
+            pending: BytesMut::from(pending),
+        }
+    }
+
+    /// The unanswered input.
+    pub fn pending(&self) -> &[u8] {
+        &self.pending
+    }
+
     /// Bytes held.
     pub fn len(&self) -> usize {
         self.pending.len()

@@ -4,39 +4,52 @@
 //! up logging, raise `RLIMIT_NOFILE`, judge the values against it (exit 2
 //! for too many loops), take the listeners systemd passed or bind every
 //! listener of every loop, print `Echoing on ADDR` per address, start one
-//! thread per loop, tell systemd `READY=1`, then wait for signals. The
-//! first SIGINT/SIGTERM tells systemd `STOPPING=1` and asks every loop to
-//! shut down gracefully (exit 0 when they are done); a second one exits at
-//! once with status 1.
+//! thread per loop, write `--pid-file`, tell systemd `READY=1`, then wait
+//! for signals. The first SIGINT/SIGTERM tells systemd `STOPPING=1` and
+//! asks every loop to shut down gracefully (exit 0 when they are done); a
+//! second one exits at once with status 1.
+//!
+//! SIGUSR2 starts a live upgrade (`upgrade.rs`) on a thread of its own, so
+//! signals are still answered meanwhile: one at a time, a second SIGUSR2 is
+//! ignored; a SIGINT/SIGTERM during one waits for its outcome, then stops
+//! whichever process serves. A process started by an upgrade takes its
+//! loops from the old one instead of binding (`Start::Upgrade`), prints no
+//! `Echoing on`, and tells systemd `MAINPID=` with `READY=1`.
 //!
 //! A failure to start is one `echoloop: ...` line on stderr naming what
-//! failed (the listen address, the metrics address, the systemd sockets),
-//! and exit status 1.
+//! failed (the listen address, the metrics address, the systemd sockets,
+//! the hand-over), and exit status 1.
 
 use clap::CommandFactory;
 use echoloop::config::{self, Cli, Config};
-use echoloop::event_loop::{EventLoop, Shared, ShutdownHandle};
-use echoloop::listener;
+use echoloop::event_loop::{EventLoop, LoopHandle, Shared};
 use echoloop::metrics::Counters;
+use echoloop::upgrade::{self, Arrived, Done, Incoming, Plan};
+use echoloop::{listener, pid_file};
 use log::{error, info, warn};
 use mio::{Events, Interest, Poll, Token, Waker};
 use sd_notify::NotifyState;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 
 const SIGNALS: Token = Token(0);
-const LOOP_EXITED: Token = Token(1);
+const WOKEN: Token = Token(1);
 
 fn main() -> ExitCode {
+    // First, while single-threaded: it takes a variable out of the
+    // environment.
+    let incoming = Incoming::from_env().map_err(|e| format!("upgrade: {e}"));
+    let program = started_from();
     let cli = Cli::from_args();
     init_logging(&cli);
-    match run(&cli) {
+    match incoming.and_then(|incoming| run(&cli, incoming, program)) {
         Ok(code) => code,
         Err(msg) => {
             // Not through the logger: a failure to start must be seen even
@@ -62,37 +75,154 @@ fn init_logging(cli: &Cli) {
 }
 
 /// Start, serve, stop: each step is one function below.
-fn run(cli: &Cli) -> Result<ExitCode, String> {
-    let inherited = take_inherited()?;
+fn run(
+    cli: &Cli,
+    mut incoming: Option<Incoming>,
+    program: io::Result<PathBuf>,
+) -> Result<ExitCode, String> {
+    let mut cli = cli.clone();
+    let inherited = match &incoming {
+        Some(from) => {
+            // The same loops as the old process, whatever --threads says.
+            cli.threads = from.loops;
+            Vec::new()
+        }
+        None => take_inherited()?,
+    };
     // Handlers first: a signal that comes once `Echoing on` is printed
     // must find them installed.
-    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("signals: {e}"))?;
-    let (cfg, fd_limit) = configure(cli)?;
-    let (echo, metrics) = bind(cli, cfg.threads, inherited)?;
-    // After binding, so that a failure to start is the only line printed.
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM, SIGUSR2]).map_err(|e| format!("signals: {e}"))?;
+    let (cfg, fd_limit) = configure(&cli)?;
+    let starts = match &mut incoming {
+        Some(from) => (from.receive().map_err(|e| format!("upgrade: {e}"))?)
+            .into_iter()
+            .map(Start::Upgrade)
+            .collect(),
+        None => bind(&cli, cfg.threads, inherited)?,
+    };
     info!(
         "open-file limit {fd_limit}, max connections {}, {} loop(s)",
         cfg.max_connections, cfg.threads
     );
-    let echo_addrs = local_addrs(&echo[0])?;
-    let metrics_addrs = match &metrics {
-        Some(m) => local_addrs(&m[0])?,
-        None => Vec::new(),
-    };
+    let announced = announcement(&starts)?;
     let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
     poll.registry()
         .register(&mut signals, SIGNALS, Interest::READABLE)
         .map_err(|e| format!("signals: {e}"))?;
-    let loops = start_loops(&cfg, echo, metrics, &poll)?;
-    // Only now, with every descriptor of the process open and the loops
-    // running, do we say where we serve.
-    announce(&echo_addrs, "Echoing on")?;
-    announce(&metrics_addrs, "Metrics on")?;
-    notify(NotifyState::Ready);
-    if let Some(code) = wait_for_signals(&mut poll, &mut signals, &loops)? {
-        return Ok(code);
+    let handed = handed_counts(&starts);
+    let built = build_loops(&cfg, starts, &poll)?;
+    let stop_at_once = match &mut incoming {
+        Some(from) => from.ready().map_err(|e| format!("upgrade: {e}"))?,
+        None => false,
+    };
+    let loops = start_loops(built)?;
+    match incoming {
+        Some(from) => {
+            info!(
+                "upgrade: took over {} listeners and {} connections from pid {}",
+                handed.0, handed.1, from.from
+            );
+            write_pid_file(&cli);
+            notify(&[NotifyState::MainPid(std::process::id()), NotifyState::Ready]);
+            from.serving();
+        }
+        None => {
+            // Only now, with every descriptor of the process open and the
+            // loops running, do we say where we serve.
+            for (what, addrs) in &announced {
+                announce(addrs, what)?;
+            }
+            write_pid_file(&cli);
+            notify(&[NotifyState::Ready]);
+        }
     }
-    Ok(join(loops.threads))
+    let mut serving = Serving {
+        plan: upgrade_plan(program, &cli, &loops),
+        loops,
+        stopping: false,
+        upgrading: None,
+        handed_over: false,
+    };
+    if stop_at_once {
+        info!("the old process was asked to stop during the upgrade: graceful shutdown");
+        serving.stop();
+    }
+    let code = match serving.wait(&mut poll, &mut signals)? {
+        Some(code) => code,
+        None => join(serving.loops.threads),
+    };
+    if !serving.handed_over
+        && let Some(path) = &cli.pid_file
+        && let Err(e) = pid_file::remove(path)
+    {
+        warn!("cannot remove the pid file {}: {e}", path.display());
+    }
+    Ok(code)
+}
+
+/// What one loop starts with.
+enum Start {
+    /// Listeners bound (or taken from systemd) by this process.
+    Fresh {
+        echo: Vec<TcpListener>,
+        metrics: Option<TcpListener>,
+    },
+    /// What a loop of the old process handed over.
+    Upgrade(Arrived),
+}
+
+/// The `Echoing on` and `Metrics on` lines a fresh start prints (none
+/// after an upgrade: the old process printed them).
+fn announcement(starts: &[Start]) -> Result<Vec<(&'static str, Vec<SocketAddr>)>, String> {
+    let Some(Start::Fresh { echo, metrics }) = starts.first() else {
+        return Ok(Vec::new());
+    };
+    let metrics: Vec<TcpListener> = metrics.iter().filter_map(|m| m.try_clone().ok()).collect();
+    Ok(vec![
+        ("Echoing on", local_addrs(echo)?),
+        ("Metrics on", local_addrs(&metrics)?),
+    ])
+}
+
+/// Listeners and connections an upgrade handed over, for the log.
+fn handed_counts(starts: &[Start]) -> (usize, usize) {
+    (starts.iter())
+        .filter_map(|s| match s {
+            Start::Upgrade(a) => Some((a.handed.listeners.len(), a.handed.conns.len())),
+            Start::Fresh { .. } => None,
+        })
+        .fold((0, 0), |(l, c), (dl, dc)| (l + dl, c + dc))
+}
+
+fn write_pid_file(cli: &Cli) {
+    if let Some(path) = &cli.pid_file
+        && let Err(e) = pid_file::write(path)
+    {
+        error!("cannot write the pid file {}: {e}", path.display());
+    }
+}
+
+/// The path this binary was started from, which a live upgrade runs
+/// again: `argv[0]` made absolute when it names a path (a symlink stays the
+/// symlink, so switching it switches the version), else (found through
+/// `PATH`) the running executable.
+fn started_from() -> io::Result<PathBuf> {
+    match std::env::args_os().next() {
+        Some(arg0) if Path::new(&arg0).components().count() > 1 => std::path::absolute(arg0),
+        _ => std::env::current_exe(),
+    }
+}
+
+/// What SIGUSR2 needs: the binary's path, this process's arguments, the
+/// loops.
+fn upgrade_plan(program: io::Result<PathBuf>, cli: &Cli, loops: &Loops) -> Result<Plan, String> {
+    Ok(Plan {
+        program: program.map_err(|e| format!("cannot tell which binary to run: {e}"))?,
+        args: std::env::args_os().skip(1).collect(),
+        timeout: cli.upgrade_timeout,
+        loops: loops.handles.clone(),
+    })
 }
 
 /// The listeners systemd passed, if any; the variables that named them
@@ -126,17 +256,10 @@ fn configure(cli: &Cli) -> Result<(Arc<Config>, u64), String> {
     Ok((Arc::new(derived.config), fd_limit))
 }
 
-/// Listeners indexed `[loop][address]`.
-type PerLoop = Vec<Vec<TcpListener>>;
-
 /// Every listener of every loop: echo, and metrics when `--metrics` is
 /// given. Socket activation replaces `--listen` (with a warning when it
 /// was given).
-fn bind(
-    cli: &Cli,
-    threads: usize,
-    inherited: Vec<TcpListener>,
-) -> Result<(PerLoop, Option<PerLoop>), String> {
+fn bind(cli: &Cli, threads: usize, inherited: Vec<TcpListener>) -> Result<Vec<Start>, String> {
     let echo = if inherited.is_empty() {
         bind_all(&cli.listen, threads, "listen on")?
     } else {
@@ -153,62 +276,83 @@ fn bind(
         );
         share_all(inherited, threads)?
     };
-    let metrics = match cli.metrics {
-        Some(addr) => Some(bind_all(&[addr], threads, "serve metrics on")?),
-        None => None,
+    let metrics: Vec<Option<TcpListener>> = match cli.metrics {
+        Some(addr) => bind_all(&[addr], threads, "serve metrics on")?
+            .into_iter()
+            .map(|mut l| l.pop())
+            .collect(),
+        None => (0..threads).map(|_| None).collect(),
     };
-    Ok((echo, metrics))
+    Ok(echo
+        .into_iter()
+        .zip(metrics)
+        .map(|(echo, metrics)| Start::Fresh { echo, metrics })
+        .collect())
 }
 
-/// The running loops: their threads, their shutdown handles, and how the
-/// main thread learns that they have finished.
+/// The loops, built and registered, not yet running.
+struct Built {
+    loops: Vec<EventLoop>,
+    /// Wakes the main `poll` (a loop ended, or the upgrade did).
+    woken: Arc<Waker>,
+}
+
+/// One loop per [`Start`], sharing the counters (fresh, or continuing from
+/// what the old process counted) and the connection count.
+fn build_loops(cfg: &Arc<Config>, starts: Vec<Start>, poll: &Poll) -> Result<Built, String> {
+    let woken = Arc::new(Waker::new(poll.registry(), WOKEN).map_err(|e| e.to_string())?);
+    let counters = (starts.iter())
+        .map(|s| match s {
+            Start::Fresh { .. } => Arc::new(Counters::new()),
+            Start::Upgrade(a) => Arc::new(Counters::starting_at(&a.counters)),
+        })
+        .collect();
+    let shared = Shared {
+        cfg: cfg.clone(),
+        counters,
+        live: Arc::new(AtomicUsize::new(0)),
+    };
+    let loops = (starts.into_iter().enumerate())
+        .map(|(i, start)| match start {
+            Start::Fresh { echo, metrics } => EventLoop::new(shared.clone(), i, echo, metrics),
+            Start::Upgrade(a) => EventLoop::take_over(shared.clone(), i, a.handed),
+        })
+        .collect::<io::Result<_>>()
+        .map_err(|e| format!("event loop: {e}"))?;
+    Ok(Built { loops, woken })
+}
+
+/// The running loops: their threads, their handles, and how the main
+/// thread learns that they have finished.
 struct Loops {
     threads: Vec<thread::JoinHandle<io::Result<()>>>,
-    handles: Vec<ShutdownHandle>,
+    handles: Vec<LoopHandle>,
     /// Loops whose `run` has returned; each one also wakes `poll`.
     finished: Arc<AtomicUsize>,
     /// The waker they use, held here too: if the last loop's copy closed
     /// the eventfd, its pending wake would leave the poll with it.
-    _exited: Arc<Waker>,
+    woken: Arc<Waker>,
 }
 
-/// One thread per loop, each with its listeners, sharing the counters and
-/// the connection count; a loop that returns wakes the main `poll`.
-fn start_loops(
-    cfg: &Arc<Config>,
-    echo: PerLoop,
-    metrics: Option<PerLoop>,
-    poll: &Poll,
-) -> Result<Loops, String> {
-    let exited = Arc::new(Waker::new(poll.registry(), LOOP_EXITED).map_err(|e| e.to_string())?);
+/// One thread per loop; a loop that returns wakes the main `poll`.
+fn start_loops(built: Built) -> Result<Loops, String> {
     let finished = Arc::new(AtomicUsize::new(0));
-    let shared = Shared {
-        cfg: cfg.clone(),
-        counters: (0..cfg.threads)
-            .map(|_| Arc::new(Counters::new()))
-            .collect(),
-        live: Arc::new(AtomicUsize::new(0)),
-    };
     let mut loops = Loops {
         threads: Vec::new(),
         handles: Vec::new(),
         finished: finished.clone(),
-        _exited: exited.clone(),
+        woken: built.woken.clone(),
     };
-    let mut metrics_per_loop = metrics.map(|m| m.into_iter().map(|mut l| l.remove(0)));
-    for (i, listeners) in echo.into_iter().enumerate() {
-        let metrics_listener = metrics_per_loop.as_mut().and_then(Iterator::next);
-        let event_loop = EventLoop::new(shared.clone(), i, listeners, metrics_listener)
-            .map_err(|e| format!("event loop: {e}"))?;
-        loops.handles.push(event_loop.shutdown_handle());
-        let (exited, finished) = (exited.clone(), finished.clone());
+    for (i, event_loop) in built.loops.into_iter().enumerate() {
+        loops.handles.push(event_loop.handle());
+        let (woken, finished) = (built.woken.clone(), finished.clone());
         let t = thread::Builder::new()
             .name(format!("loop-{i}"))
             .spawn(move || {
                 let result = event_loop.run();
                 // Counted before the wake, so the main thread never misses it.
                 finished.fetch_add(1, Ordering::SeqCst);
-                let _ = exited.wake();
+                let _ = woken.wake();
                 result
             })
             .map_err(|e| format!("thread: {e}"))?;
@@ -217,37 +361,156 @@ fn start_loops(
     Ok(loops)
 }
 
-/// Waits until every loop has finished. The first SIGINT/SIGTERM asks all
-/// of them to shut down gracefully; a second one means exit now (`Some(1)`).
-fn wait_for_signals(
-    poll: &mut Poll,
-    signals: &mut Signals,
-    loops: &Loops,
-) -> Result<Option<ExitCode>, String> {
-    let mut events = Events::with_capacity(8);
-    let mut stopping = false;
-    while loops.finished.load(Ordering::SeqCst) < loops.threads.len() {
-        if let Err(e) = poll.poll(&mut events, None) {
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
+/// The main thread once the loops run: signals, and the upgrade in flight.
+struct Serving {
+    loops: Loops,
+    /// How to upgrade (`Err`: why SIGUSR2 cannot).
+    plan: Result<Plan, String>,
+    /// A graceful shutdown was asked of the loops.
+    stopping: bool,
+    upgrading: Option<Upgrading>,
+    /// The loops were handed to a new process: it owns the pid file now.
+    handed_over: bool,
+}
+
+/// An upgrade running on its own thread.
+struct Upgrading {
+    thread: thread::JoinHandle<Result<Done, String>>,
+    /// Set when SIGINT/SIGTERM comes meanwhile.
+    stop: Arc<AtomicBool>,
+}
+
+impl Serving {
+    /// Waits until every loop has finished. The first SIGINT/SIGTERM asks
+    /// all of them to shut down gracefully (after the upgrade in flight, if
+    /// any); a second one means exit now (`Some(1)`). SIGUSR2 upgrades.
+    fn wait(&mut self, poll: &mut Poll, signals: &mut Signals) -> Result<Option<ExitCode>, String> {
+        let mut events = Events::with_capacity(8);
+        while self.loops.finished.load(Ordering::SeqCst) < self.loops.threads.len() {
+            if let Err(e) = poll.poll(&mut events, None) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(format!("poll: {e}"));
             }
-            return Err(format!("poll: {e}"));
-        }
-        if !events.iter().any(|event| event.token() == SIGNALS) {
-            continue;
-        }
-        for signal in signals.pending() {
-            if stopping {
-                warn!("second signal ({signal}): exiting now");
-                return Ok(Some(ExitCode::from(1)));
+            for signal in signals.pending() {
+                if signal == SIGUSR2 {
+                    self.start_upgrade();
+                    continue;
+                }
+                let asked = self.stopping
+                    || self
+                        .upgrading
+                        .as_ref()
+                        .is_some_and(|u| u.stop.load(Ordering::SeqCst));
+                if asked {
+                    warn!("second signal ({signal}): exiting now");
+                    return Ok(Some(ExitCode::from(1)));
+                }
+                match &self.upgrading {
+                    Some(u) => {
+                        info!("signal {signal}: graceful shutdown once the upgrade is over");
+                        u.stop.store(true, Ordering::SeqCst);
+                    }
+                    None => {
+                        info!("signal {signal}: graceful shutdown");
+                        self.stop();
+                    }
+                }
             }
-            info!("signal {signal}: graceful shutdown");
-            stopping = true;
-            notify(NotifyState::Stopping);
-            loops.handles.iter().for_each(ShutdownHandle::shutdown);
+            if self
+                .upgrading
+                .as_ref()
+                .is_some_and(|u| u.thread.is_finished())
+            {
+                self.end_upgrade();
+            }
+        }
+        if self.upgrading.is_some() {
+            self.end_upgrade();
+        }
+        Ok(None)
+    }
+
+    /// Asks every loop to shut down gracefully.
+    fn stop(&mut self) {
+        self.stopping = true;
+        notify(&[NotifyState::Stopping]);
+        self.loops.handles.iter().for_each(LoopHandle::shutdown);
+    }
+
+    /// SIGUSR2: one upgrade at a time, never during a shutdown.
+    fn start_upgrade(&mut self) {
+        if self.upgrading.is_some() {
+            warn!("upgrade already in progress: signal ignored");
+            return;
+        }
+        if self.stopping {
+            warn!("shutting down: upgrade signal ignored");
+            return;
+        }
+        let plan = match &self.plan {
+            Ok(plan) => plan.clone(),
+            Err(e) => {
+                error!("upgrade failed: {e}; still serving");
+                return;
+            }
+        };
+        info!("upgrade: starting {}", plan.program.display());
+        let mut reloading = vec![NotifyState::Reloading];
+        reloading.extend(NotifyState::monotonic_usec_now());
+        notify(&reloading);
+        let stop = Arc::new(AtomicBool::new(false));
+        let woken = self.loops.woken.clone();
+        let flag = stop.clone();
+        let spawned = thread::Builder::new()
+            .name("upgrade".into())
+            .spawn(move || {
+                let result = upgrade::hand_over(&plan, &flag);
+                let _ = woken.wake();
+                result
+            });
+        match spawned {
+            Ok(thread) => self.upgrading = Some(Upgrading { thread, stop }),
+            Err(e) => {
+                error!("upgrade failed: thread: {e}; still serving");
+                notify(&[NotifyState::Ready]);
+            }
         }
     }
-    Ok(None)
+
+    /// The upgrade thread is done (or about to be): report its outcome; a
+    /// failed one leaves this process serving, and a stop asked meanwhile
+    /// is carried out here.
+    fn end_upgrade(&mut self) {
+        let Some(u) = self.upgrading.take() else {
+            return;
+        };
+        let stop = u.stop.load(Ordering::SeqCst);
+        match u.thread.join() {
+            Ok(Ok(done)) => {
+                info!(
+                    "upgrade: {} listeners and {} connections handed to pid {}",
+                    done.listeners, done.conns, done.pid
+                );
+                self.handed_over = true;
+            }
+            Ok(Err(e)) => {
+                error!("upgrade failed: {e}; still serving");
+                notify(&[NotifyState::Ready]);
+                if stop {
+                    self.stop();
+                }
+            }
+            Err(_) => {
+                error!("upgrade failed: its thread panicked; still serving");
+                notify(&[NotifyState::Ready]);
+                if stop {
+                    self.stop();
+                }
+            }
+        }
+    }
 }
 
 /// Joins the finished loops: status 0 unless one failed or panicked.
@@ -322,8 +585,8 @@ fn announce(addrs: &[SocketAddr], what: &str) -> Result<(), String> {
 }
 
 /// Tells systemd (when `NOTIFY_SOCKET` is set) where the service is.
-fn notify(state: NotifyState) {
-    if let Err(e) = sd_notify::notify(&[state]) {
+fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
         warn!("sd_notify: {e}");
     }
 }

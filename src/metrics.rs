@@ -123,6 +123,19 @@ impl Counters {
         Counters::default()
     }
 
+    /// Counters that continue from `s` (a live upgrade's new process goes
+    /// on from the old one's values).
+    pub fn starting_at(s: &Snapshot) -> Counters {
+        Counters {
+            open: AtomicI64::new(s.open),
+            accepted: AtomicU64::new(s.accepted),
+            closed: s.closed.map(AtomicU64::new),
+            lines: AtomicU64::new(s.lines),
+            received_bytes: AtomicU64::new(s.received_bytes),
+            sent_bytes: AtomicU64::new(s.sent_bytes),
+        }
+    }
+
     /// A connection was accepted.
     pub fn accepted(&self) {
         self.accepted.fetch_add(1, Relaxed);

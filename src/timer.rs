@@ -66,6 +66,13 @@ impl Tick {
     }
 }
 
+/// The tick numbered `n` (as [`Tick::get`] returned it).
+impl From<NonZeroU64> for Tick {
+    fn from(n: NonZeroU64) -> Tick {
+        Tick(n)
+    }
+}
+
 /// A timeout as a number of ticks, made by [`Clock::span`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Span(u64);
@@ -91,6 +98,21 @@ impl Clock {
     /// The length of one tick.
     pub fn tick(&self) -> Duration {
         self.tick
+    }
+
+    /// The start of tick 0: with [`Clock::tick`], all a clock is (a live
+    /// upgrade hands both to the new process, so its ticks mean the same).
+    pub fn origin(&self) -> Instant {
+        self.origin
+    }
+
+    /// The clock whose tick 0 starts at `origin` (as [`Clock::origin`]
+    /// returned it, perhaps in another process).
+    pub fn with_origin(origin: Instant, tick: Duration) -> Clock {
+        Clock {
+            origin,
+            tick: tick.max(Duration::from_millis(1)),
+        }
     }
 
     /// The tick `at` falls in (asked once per connection served: one

@@ -1,9 +1,9 @@
 //! The library's `EventLoop` driven in-process over real loopback sockets,
 //! without spawning the binary: one loop on a thread, real clients, then a
-//! shutdown through the [`ShutdownHandle`] and `run` returning.
+//! shutdown through the [`LoopHandle`] and `run` returning.
 
 use echoloop::config::Config;
-use echoloop::event_loop::{EventLoop, Shared, ShutdownHandle};
+use echoloop::event_loop::{EventLoop, LoopHandle, Shared};
 use echoloop::listener;
 use echoloop::metrics::{self, CloseReason, Counters};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 /// One loop serving on 127.0.0.1:0 on its own thread.
 struct Running {
     addr: SocketAddr,
-    shutdown: ShutdownHandle,
+    shutdown: LoopHandle,
     thread: JoinHandle<io::Result<()>>,
     counters: Arc<[Arc<Counters>]>,
 }
@@ -31,7 +31,7 @@ fn start(cfg: Config) -> Running {
         live: Arc::new(AtomicUsize::new(0)),
     };
     let event_loop = EventLoop::new(shared, 0, vec![l], None).unwrap();
-    let shutdown = event_loop.shutdown_handle();
+    let shutdown = event_loop.handle();
     let thread = thread::spawn(move || event_loop.run());
     Running {
         addr,
