@@ -85,10 +85,9 @@ fn failed_upgrade(up: &Upgradable) -> (String, Duration) {
     let before = failures(&up.stderr()).len();
     let start = Instant::now();
     signal_pid(pid, libc::SIGUSR2);
-    up.server
-        .wait_until(Duration::from_secs(15), "the upgrade failure", |s| {
-            failures(&s.stderr()).len() > before
-        });
+    up.wait_until(Duration::from_secs(15), "the upgrade failure", |u| {
+        failures(&u.stderr()).len() > before
+    });
     let took = start.elapsed();
     let log = up.stderr();
     let failure = failures(&log)[before].clone();
@@ -103,7 +102,7 @@ fn failed_upgrade(up: &Upgradable) -> (String, Duration) {
         "pid file after a failed upgrade"
     );
     assert!(alive(pid), "the old process died:\n{log}");
-    up.server.wait_until(
+    up.wait_until(
         Duration::from_secs(5),
         "the failed child to be gone",
         |_| children_of(pid).is_empty(),
@@ -168,10 +167,9 @@ fn a_thousand_ping_pong_connections_see_no_error_across_three_upgrades() {
         .spawn()
         .expect("start echoloop-load (built by `cargo build --workspace --release --bins`)");
     let mut load = KillOnDrop(load);
-    up.server
-        .wait_until(LOG_DELAY, "every load connection open", |_| {
-            metric(&metrics_of(&up), "echoloop_connections_open") == CONNS
-        });
+    up.wait_until(LOG_DELAY, "every load connection open", |_| {
+        metric(&metrics_of(&up), "echoloop_connections_open") == CONNS
+    });
     for round in 1..=3 {
         let lines_before = metric(&metrics_of(&up), "echoloop_lines_total");
         let h = up.upgrade();
@@ -213,10 +211,9 @@ fn a_thousand_ping_pong_connections_see_no_error_across_three_upgrades() {
     let replies = json["replies_total"].as_u64().unwrap();
     assert!(replies > 10 * CONNS, "{report}");
     // Every line the tool was answered was counted once, over four processes.
-    up.server
-        .wait_until(LOG_DELAY, "the load's connections to close", |_| {
-            metric(&metrics_of(&up), "echoloop_connections_open") == 0
-        });
+    up.wait_until(LOG_DELAY, "the load's connections to close", |_| {
+        metric(&metrics_of(&up), "echoloop_connections_open") == 0
+    });
     let page = metrics_of(&up);
     assert_eq!(metric(&page, "echoloop_lines_total"), replies, "{page}");
     assert_eq!(metric(&page, "echoloop_connections_accepted_total"), CONNS);
@@ -369,10 +366,9 @@ fn the_idle_timeout_counts_the_time_before_the_upgrade() {
         closed <= Duration::from_millis(2600),
         "closed {closed:?} after the last line: the idle time before the upgrade was lost"
     );
-    up.server
-        .wait_until(LOG_DELAY, "the idle close logged", |s| {
-            s.stderr().contains("closed (idle)")
-        });
+    up.wait_until(LOG_DELAY, "the idle close logged", |s| {
+        s.stderr().contains("closed (idle)")
+    });
 }
 
 #[test]
@@ -411,7 +407,7 @@ fn connections_opened_during_upgrades_are_all_answered() {
         .collect();
     let wait_more = |up: &Upgradable, what: &str| {
         let at = done.load(Ordering::Relaxed);
-        up.server.wait_until(LOG_DELAY, what, |_| {
+        up.wait_until(LOG_DELAY, what, |_| {
             done.load(Ordering::Relaxed) >= at + 50 || churn.iter().any(|t| t.is_finished())
         });
     };
@@ -447,7 +443,7 @@ fn a_lingering_connection_is_handed_over_and_drops_input_until_the_client_closes
     );
     c.write_all(b"more input\n").unwrap();
     c.shutdown(std::net::Shutdown::Write).unwrap();
-    up.server.wait_until(LOG_DELAY, "the lingering close", |s| {
+    up.wait_until(LOG_DELAY, "the lingering close", |s| {
         s.stderr().contains("closed (too_long)")
     });
     let mut buf = [0u8; 16];
@@ -521,7 +517,7 @@ fn after_three_upgrades_the_same_descriptors_hold_the_same_connections() {
         assert_eq!((h.listeners, h.connections), (1, 20), "{h:?}");
     }
     let pid = up.serving();
-    up.server.wait_until(
+    up.wait_until(
         Duration::from_secs(5),
         "the descriptor count to settle",
         |_| fd_targets(pid).len() == original.len(),
@@ -554,9 +550,8 @@ fn after_an_upgrade_sigterm_shuts_the_new_process_down_and_removes_the_pid_file(
     signal_pid(h.to, libc::SIGTERM);
     let mut expected = said(b"one");
     expected.extend_from_slice(&said(b"two"));
-    assert_eq!(read_to_eof(&mut c), expected);
-    up.server
-        .wait_until(LOG_DELAY, "the new process to exit", |_| !alive(h.to));
+    assert_eq!(up.read_to_eof(&mut c), expected);
+    up.wait_until(LOG_DELAY, "the new process to exit", |_| !alive(h.to));
     assert_eq!(up.pid_file_pid(), None, "the pid file outlived the server");
 }
 
@@ -569,17 +564,16 @@ fn sigusr2_during_an_upgrade_is_logged_and_ignored() {
     up.replace_exe(NEVER_READY);
     let pid = up.serving();
     signal_pid(pid, libc::SIGUSR2);
-    up.server
-        .wait_until(LOG_DELAY, "the upgrade to start", |s| {
-            s.stderr().contains("upgrade: starting ")
-        });
+    up.wait_until(LOG_DELAY, "the upgrade to start", |s| {
+        s.stderr().contains("upgrade: starting ")
+    });
     signal_pid(pid, libc::SIGUSR2);
-    up.server.wait_until(LOG_DELAY, "the ignored signal", |s| {
+    up.wait_until(LOG_DELAY, "the ignored signal", |s| {
         s.stderr().lines().any(|l| {
             l.contains(" WARN ") && l.ends_with("upgrade already in progress: signal ignored")
         })
     });
-    up.server.wait_until(LOG_DELAY, "the upgrade failure", |s| {
+    up.wait_until(LOG_DELAY, "the upgrade failure", |s| {
         !failures(&s.stderr()).is_empty()
     });
     // The client is served through it all.
@@ -598,18 +592,17 @@ fn sigterm_while_the_new_binary_is_not_ready_ends_in_a_graceful_shutdown() {
     up.replace_exe(NEVER_READY);
     let pid = up.serving();
     signal_pid(pid, libc::SIGUSR2);
-    up.server
-        .wait_until(LOG_DELAY, "the never-ready child", |_| {
-            !children_of(pid).is_empty()
-        });
+    up.wait_until(LOG_DELAY, "the never-ready child", |_| {
+        !children_of(pid).is_empty()
+    });
     let child = children_of(pid)[0];
     c.write_all(b"one\ntwo\n").unwrap();
     signal_pid(pid, libc::SIGTERM);
     let mut expected = said(b"one");
     expected.extend_from_slice(&said(b"two"));
-    assert_eq!(read_to_eof(&mut c), expected, "{}", up.stderr());
+    assert_eq!(up.read_to_eof(&mut c), expected);
     assert_eq!(
-        up.server.wait_exit(Duration::from_secs(15)),
+        up.wait_exit(Duration::from_secs(15)),
         Some(0),
         "{}",
         up.stderr()
@@ -635,13 +628,12 @@ fn sigterm_right_after_sigusr2_ends_in_a_graceful_shutdown_of_whoever_serves() {
     let mut expected = said(b"one");
     expected.extend_from_slice(&said(b"two"));
     for c in clients.iter_mut() {
-        assert_eq!(read_to_eof(c), expected, "{}", up.stderr());
+        assert_eq!(up.read_to_eof(c), expected);
     }
-    assert_eq!(up.server.wait_exit(Duration::from_secs(15)), Some(0));
-    up.server
-        .wait_until(Duration::from_secs(15), "the pid file removed", |_| {
-            up.pid_file_pid().is_none()
-        });
+    assert_eq!(up.wait_exit(Duration::from_secs(15)), Some(0));
+    up.wait_until(Duration::from_secs(15), "the pid file removed", |_| {
+        up.pid_file_pid().is_none()
+    });
     for (_, _, to) in handovers(&up.stderr()) {
         up.server
             .wait_until(LOG_DELAY, "the new process to exit", |_| !alive(to));
@@ -670,10 +662,9 @@ fn with_two_loops_every_listener_and_connection_is_handed_over() {
         .collect();
     let on_both =
         |log: &str| log.contains("accepted by loop 0") && log.contains("accepted by loop 1");
-    up.server
-        .wait_until(LOG_DELAY, "connections on both loops", |s| {
-            on_both(&s.stderr())
-        });
+    up.wait_until(LOG_DELAY, "connections on both loops", |s| {
+        on_both(&s.stderr())
+    });
     let h = up.upgrade();
     assert_eq!(h.listeners, 4, "2 echo + 2 metrics listeners: {h:?}");
     assert_eq!(h.connections, 32, "{h:?}");
@@ -686,10 +677,9 @@ fn with_two_loops_every_listener_and_connection_is_handed_over() {
     let fresh: Vec<TcpStream> = (0..32)
         .map(|i| open_client(&up, &format!("n{i}")))
         .collect();
-    up.server
-        .wait_until(LOG_DELAY, "new connections on both loops", |s| {
-            on_both(&s.stderr()[log_at..])
-        });
+    up.wait_until(LOG_DELAY, "new connections on both loops", |s| {
+        on_both(&s.stderr()[log_at..])
+    });
     drop(fresh);
     let page = metrics_of(&up);
     assert_eq!(

@@ -336,10 +336,9 @@ impl Upgradable {
             dir,
         };
         let pid = up.server.pid();
-        up.server
-            .wait_until(Duration::from_secs(5), "the pid file", |_| {
-                up.pid_file_pid() == Some(pid)
-            });
+        up.wait_until(Duration::from_secs(5), "the pid file", |_| {
+            up.pid_file_pid() == Some(pid)
+        });
         up
     }
 
@@ -369,6 +368,55 @@ impl Upgradable {
         self.server.stderr()
     }
 
+    /// Waits until `pred` holds, or panics after `within` showing the log.
+    pub fn wait_until(
+        &self,
+        within: Duration,
+        what: &str,
+        mut pred: impl FnMut(&Upgradable) -> bool,
+    ) {
+        let start = Instant::now();
+        while !pred(self) {
+            assert!(
+                start.elapsed() < within,
+                "timed out waiting for {what}; log:\n{}",
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the process we started to exit; its status code. Panics
+    /// after `within`, showing the log.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.server.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                start.elapsed() < within,
+                "pid {} did not exit; log:\n{}",
+                self.server.pid(),
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Reads from `c` until EOF; panics on an error, showing the log.
+    pub fn read_to_eof(&self, c: &mut TcpStream) -> Vec<u8> {
+        let mut buf = Vec::new();
+        if let Err(e) = c.read_to_end(&mut buf) {
+            panic!(
+                "read to EOF: {e} after {:?}; log:\n{}",
+                String::from_utf8_lossy(&buf),
+                self.stderr()
+            );
+        }
+        buf
+    }
+
     /// Sends SIGUSR2 to the serving process and waits until the hand-over
     /// is done: both sides logged it, the pid file names the new process,
     /// the old one exited (with status 0, when it is our child) and did not
@@ -378,19 +426,16 @@ impl Upgradable {
         let done = handovers(&self.stderr()).len();
         signal_pid(from, libc::SIGUSR2);
         let within = Duration::from_secs(10);
-        self.server
-            .wait_until(within, "the old process's hand-over line", |s| {
-                handovers(&s.stderr()).len() > done
-            });
+        self.wait_until(within, "the old process's hand-over line", |u| {
+            handovers(&u.stderr()).len() > done
+        });
         let (listeners, connections, to) = handovers(&self.stderr())[done];
-        self.server
-            .wait_until(within, "the new process's take-over line", |s| {
-                takeovers(&s.stderr()).contains(&(listeners, connections, from))
-            });
-        self.server
-            .wait_until(within, "the pid file to name the new process", |_| {
-                self.pid_file_pid() == Some(to)
-            });
+        self.wait_until(within, "the new process's take-over line", |u| {
+            takeovers(&u.stderr()).contains(&(listeners, connections, from))
+        });
+        self.wait_until(within, "the pid file to name the new process", |_| {
+            self.pid_file_pid() == Some(to)
+        });
         let log = self.stderr();
         assert!(
             log.contains(&format!("upgrade: starting {}", self.exe.display())),
@@ -398,7 +443,7 @@ impl Upgradable {
             self.exe.display()
         );
         if from == self.server.pid() {
-            let status = self.server.wait_exit(within);
+            let status = self.wait_exit(within);
             assert_eq!(
                 status,
                 Some(0),
@@ -406,8 +451,7 @@ impl Upgradable {
                 self.stderr()
             );
         } else {
-            self.server
-                .wait_until(within, "the old process to exit", |_| !alive(from));
+            self.wait_until(within, "the old process to exit", |_| !alive(from));
         }
         assert_eq!(
             self.pid_file_pid(),
