@@ -722,6 +722,27 @@ fn a_proxy_protocol_client_keeps_its_name_and_an_unfinished_header_completes() {
     }
 }
 
+#[test]
+fn a_metrics_request_half_sent_before_the_upgrade_is_answered_after_it() {
+    let mut up = Upgradable::start_with(
+        |_| {},
+        &["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
+        2,
+    );
+    let mut echo = open_client(&up, "counted");
+    let mut c = connect(up.server.metrics.unwrap());
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n")
+        .unwrap();
+    wait_read_by_server(&up.server, &c);
+    let h = up.upgrade();
+    assert_eq!((h.listeners, h.connections), (2, 2), "{h:?}");
+    c.write_all(b"\r\n").unwrap();
+    let page = String::from_utf8(up.read_to_eof(&mut c)).unwrap();
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert_eq!(metric(&page, "echoloop_lines_total"), 1, "{page}");
+    exchange(&mut echo, b"again\n", &said(b"again"));
+}
+
 // ----- the hand-over format ---------------------------------------------------
 
 #[test]
