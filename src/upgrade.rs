@@ -217,13 +217,13 @@ fn abandon(child: &mut Child, frozen: Vec<Frozen>, why: String, plan: &Plan) -> 
     for f in frozen {
         let _ = f.verdict.send(Verdict::Resume);
     }
+    let (pid, program) = (child.id(), plan.program.display());
     match ended {
-        Some(status) => format!(
-            "pid {} ({}) {status} before taking over ({why})",
-            child.id(),
-            plan.program.display()
+        Some(status) => format!("pid {pid} ({program}) ended before taking over: {status} ({why})"),
+        None => format!(
+            "pid {pid} ({program}) did not take over within {:?} ({why}); killed it",
+            plan.timeout
         ),
-        None => format!("pid {}: {why}; killed it", child.id()),
     }
 }
 
