@@ -360,7 +360,7 @@ struct Trimming {
 }
 
 /// One single-threaded event loop. Build it with [`EventLoop::new`], take a
-/// [`ShutdownHandle`], then [`EventLoop::run`] it on its own thread.
+/// [`LoopHandle`], then [`EventLoop::run`] it on its own thread.
 pub struct EventLoop {
     /// The poller; only this file touches it.
     poll: Poll,
