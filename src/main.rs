@@ -500,6 +500,7 @@ impl Serving {
                     "upgrade: {} listeners and {} connections handed to pid {}",
                     done.listeners, done.conns, done.pid
                 );
+                info!("upgrade: the loops were frozen for {:?}", done.frozen);
                 self.handed_over = true;
             }
             Ok(Err(e)) => {

@@ -85,6 +85,9 @@ pub struct Done {
     pub listeners: usize,
     /// Connections handed over.
     pub conns: usize,
+    /// How long the first loop was frozen before the commit (what a client
+    /// of this process waited at most, besides its own turn).
+    pub frozen: Duration,
 }
 
 /// Runs one upgrade to its end, on the caller's thread; `stop` is set if a
@@ -96,10 +99,10 @@ pub fn hand_over(plan: &Plan, stop: &AtomicBool) -> Result<Done, String> {
     drop(theirs);
     let pid = child.id();
     let mut frozen = Vec::new();
-    match offer_and_send(plan, &ours, deadline, &mut frozen) {
-        Ok(()) => {}
+    let since = match offer_and_send(plan, &ours, deadline, &mut frozen) {
+        Ok(since) => since,
         Err(e) => return Err(abandon(&mut child, frozen, e, plan)),
-    }
+    };
     // The point of no return: from `C` on, the new process serves.
     let stopping = stop.load(Ordering::SeqCst);
     if let Err(e) = (&ours).write_all(&[b'C', u8::from(stopping)]) {
@@ -109,6 +112,7 @@ pub fn hand_over(plan: &Plan, stop: &AtomicBool) -> Result<Done, String> {
         pid,
         listeners: frozen.iter().map(|f| f.listeners.len()).sum(),
         conns: frozen.iter().map(|f| f.conns.len()).sum(),
+        frozen: since.elapsed(),
     };
     for f in &frozen {
         let _ = f.verdict.send(Verdict::HandedOver);
@@ -146,12 +150,13 @@ fn spawn(plan: &Plan, theirs: &UnixStream) -> Result<Child, String> {
 
 /// Steps 1 to 4: offer, freeze, send, wait for `R`. The frozen loops are
 /// collected in `frozen` as they answer, so the caller can unfreeze them.
+/// Returns when the freezing began.
 fn offer_and_send(
     plan: &Plan,
     ours: &UnixStream,
     deadline: Instant,
     frozen: &mut Vec<Frozen>,
-) -> Result<(), String> {
+) -> Result<Instant, String> {
     let within = |what: &str| -> Result<Duration, String> {
         deadline
             .checked_duration_since(Instant::now())
@@ -168,6 +173,7 @@ fn offer_and_send(
         .write_all(&handover::header(loops))
         .map_err(|e| format!("offer: {e}"))?;
     expect(ours, b'A').map_err(|e| format!("offer not taken: {e}"))?;
+    let since = Instant::now();
     for handle in &plan.loops {
         let f = handle
             .freeze()
@@ -195,7 +201,8 @@ fn offer_and_send(
         fds.len()
     );
     timeouts(within("waiting for ready")?);
-    expect(ours, b'R').map_err(|e| format!("not ready: {e}"))
+    expect(ours, b'R').map_err(|e| format!("not ready: {e}"))?;
+    Ok(since)
 }
 
 /// A failed upgrade before the commit: the new process is killed (it
