@@ -141,6 +141,7 @@ fn run(
         plan: upgrade_plan(program, &cli, &loops),
         loops,
         stopping: false,
+        signalled: false,
         upgrading: None,
         handed_over: false,
     };
@@ -368,6 +369,10 @@ struct Serving {
     plan: Result<Plan, String>,
     /// A graceful shutdown was asked of the loops.
     stopping: bool,
+    /// A SIGINT/SIGTERM came (the next one exits at once). Not set by the
+    /// stop an upgrade's old process passes on: a signal that reached
+    /// both processes is still the first one here.
+    signalled: bool,
     upgrading: Option<Upgrading>,
     /// The loops were handed to a new process: it owns the pid file now.
     handed_over: bool,
@@ -400,15 +405,11 @@ impl Serving {
                     self.start_upgrade();
                     continue;
                 }
-                let asked = self.stopping
-                    || self
-                        .upgrading
-                        .as_ref()
-                        .is_some_and(|u| u.stop.load(Ordering::SeqCst));
-                if asked {
+                if self.signalled {
                     warn!("second signal ({signal}): exiting now");
                     return Ok(Some(ExitCode::from(1)));
                 }
+                self.signalled = true;
                 match &self.upgrading {
                     Some(u) => {
                         info!("signal {signal}: graceful shutdown once the upgrade is over");
