@@ -85,8 +85,8 @@ pub struct Done {
     pub listeners: usize,
     /// Connections handed over.
     pub conns: usize,
-    /// How long the first loop was frozen before the commit (what a client
-    /// of this process waited at most, besides its own turn).
+    /// How long the loops were frozen, from the first to freeze until the
+    /// commit: the pause every client saw (besides waiting for its turn).
     pub frozen: Duration,
 }
 
@@ -99,10 +99,9 @@ pub fn hand_over(plan: &Plan, stop: &AtomicBool) -> Result<Done, String> {
     drop(theirs);
     let pid = child.id();
     let mut frozen = Vec::new();
-    let since = match offer_and_send(plan, &ours, deadline, &mut frozen) {
-        Ok(since) => since,
-        Err(e) => return Err(abandon(&mut child, frozen, e, plan)),
-    };
+    if let Err(e) = offer_and_send(plan, &ours, deadline, &mut frozen) {
+        return Err(abandon(&mut child, frozen, e, plan));
+    }
     // The point of no return: from `C` on, the new process serves.
     let stopping = stop.load(Ordering::SeqCst);
     if let Err(e) = (&ours).write_all(&[b'C', u8::from(stopping)]) {
@@ -112,7 +111,7 @@ pub fn hand_over(plan: &Plan, stop: &AtomicBool) -> Result<Done, String> {
         pid,
         listeners: frozen.iter().map(|f| f.listeners.len()).sum(),
         conns: frozen.iter().map(|f| f.conns.len()).sum(),
-        frozen: since.elapsed(),
+        frozen: (frozen.iter().map(|f| f.since).min()).map_or(Duration::ZERO, |t| t.elapsed()),
     };
     for f in &frozen {
         let _ = f.verdict.send(Verdict::HandedOver);
@@ -150,13 +149,12 @@ fn spawn(plan: &Plan, theirs: &UnixStream) -> Result<Child, String> {
 
 /// Steps 1 to 4: offer, freeze, send, wait for `R`. The frozen loops are
 /// collected in `frozen` as they answer, so the caller can unfreeze them.
-/// Returns when the freezing began.
 fn offer_and_send(
     plan: &Plan,
     ours: &UnixStream,
     deadline: Instant,
     frozen: &mut Vec<Frozen>,
-) -> Result<Instant, String> {
+) -> Result<(), String> {
     let within = |what: &str| -> Result<Duration, String> {
         deadline
             .checked_duration_since(Instant::now())
@@ -173,7 +171,6 @@ fn offer_and_send(
         .write_all(&handover::header(loops))
         .map_err(|e| format!("offer: {e}"))?;
     expect(ours, b'A').map_err(|e| format!("offer not taken: {e}"))?;
-    let since = Instant::now();
     for handle in &plan.loops {
         let f = handle
             .freeze()
@@ -201,8 +198,7 @@ fn offer_and_send(
         fds.len()
     );
     timeouts(within("waiting for ready")?);
-    expect(ours, b'R').map_err(|e| format!("not ready: {e}"))?;
-    Ok(since)
+    expect(ours, b'R').map_err(|e| format!("not ready: {e}"))
 }
 
 /// A failed upgrade before the commit: the new process is killed (it
