@@ -14,3 +14,4 @@ pub mod metrics_request;
 pub mod model;
 pub mod prefixes;
 pub mod proxy;
+pub mod recipe;
