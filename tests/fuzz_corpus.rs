@@ -17,10 +17,11 @@ use std::path::{Path, PathBuf};
 type Check = fn(&[u8]);
 
 /// Every fuzz target, with its check.
-const TARGETS: [(&str, Check); 6] = [
+const TARGETS: [(&str, Check); 7] = [
     ("connection", checks::connection::check_connection),
     ("framing", checks::framing::check_framing),
     ("handover", checks::handover::check_handover),
+    ("handover_valid", checks::handover::check_valid),
     ("metrics_request", checks::metrics_request::check_request),
     ("proxy", checks::proxy::check_bytes),
     ("proxy_valid", checks::proxy::check_valid),

@@ -26,7 +26,20 @@ impl<'a> Reader<'a> {
         self.array::<1>()[0]
     }
 
+    /// The low bit of the next byte.
+    pub fn bit(&mut self) -> bool {
+        self.byte() & 1 == 1
+    }
+
     pub fn u16(&mut self) -> u16 {
         u16::from_be_bytes(self.array())
+    }
+
+    pub fn u32(&mut self) -> u32 {
+        u32::from_be_bytes(self.array())
+    }
+
+    pub fn u64(&mut self) -> u64 {
+        u64::from_be_bytes(self.array())
     }
 }
