@@ -175,6 +175,8 @@ pub struct Frozen {
     pub counters: Snapshot,
     /// The clock its ticks count on.
     pub clock: Clock,
+    /// When it froze.
+    pub since: Instant,
     /// Where the verdict goes.
     pub verdict: mpsc::Sender<Verdict>,
 }
@@ -360,7 +362,7 @@ struct Trimming {
 }
 
 /// One single-threaded event loop. Build it with [`EventLoop::new`], take a
-/// [`ShutdownHandle`], then [`EventLoop::run`] it on its own thread.
+/// [`LoopHandle`], then [`EventLoop::run`] it on its own thread.
 pub struct EventLoop {
     /// The poller; only this file touches it.
     poll: Poll,
@@ -566,6 +568,7 @@ impl EventLoop {
                 .collect(),
             counters: self.counting.mine.snapshot(),
             clock: self.conns.clock,
+            since: Instant::now(),
             verdict,
         };
         debug!(

@@ -32,7 +32,12 @@
 //! so a new binary that reads another version refuses before anything is
 //! handed over. [`decode`] refuses another magic or version, an unknown
 //! tag, a zero tick, a length past the end and trailing bytes; it never
-//! panics, and allocates no more than the input's length.
+//! panics, and allocates in proportion to the input's length, never for a
+//! length or count that the bytes left do not hold.
+//!
+//! It checks the format, not the connection's invariants: a state no
+//! writer produces (a metrics connection `Open`, say) decodes and is served
+//! as it says. The bytes come from the process that started this one.
 
 use crate::admission::{Kind, Service};
 use crate::conn::{AfterFlush, CloseReason, Resume, Saved, State};

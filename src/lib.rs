@@ -9,8 +9,8 @@
 //!
 //! - `main.rs`: command line → [`config::Config`], logger, raise
 //!   `RLIMIT_NOFILE`, bind, print `Echoing on ADDR`, start N loops, wait for
-//!   SIGINT/SIGTERM on a small `Poll` of its own and shut every loop down,
-//!   exit status.
+//!   SIGINT/SIGTERM on a small `Poll` of its own and shut every loop down
+//!   (SIGUSR2: run a live upgrade on a thread), exit status.
 //! - [`config`]: every option and limit, with its default and its doc.
 //! - [`listener`]: the raw socket calls: bind with socket2
 //!   (`SO_REUSEPORT`, v6-only), `accept` outcomes named (`EMFILE` pauses,
@@ -29,6 +29,10 @@
 //! - [`metrics`]: per-loop counters, the Prometheus page, the close reasons,
 //!   the `GET /metrics` request check (pure).
 //! - [`timer`]: deadlines on a hashed timer wheel in coarse ticks.
+//! - [`upgrade`]: the live upgrade (SIGUSR2) between the old process and
+//!   the new binary: start it, freeze the loops, send the sockets, commit
+//!   or fall back. [`handover`]: what crosses, as pure bytes, versioned.
+//!   [`pid_file`]: `--pid-file`, written atomically.
 //!
 //! Calls flow one way: `event_loop` calls `admission` and `conn`; `conn`
 //! calls `line`, `proxy` and `metrics`; nothing calls the loop back: a
@@ -108,7 +112,10 @@
 //!   [`event_loop`] (`accept`, `begin_shutdown`); options: [`config`];
 //!   binding, `RLIMIT_NOFILE`, systemd sockets: [`listener`]; signals,
 //!   threads and `sd_notify`: `main.rs`; metrics: [`metrics`] plus the
-//!   `Request` state; PROXY protocol: [`proxy`] plus the `ProxyHeader` state.
+//!   `Request` state; PROXY protocol: [`proxy`] plus the `ProxyHeader` state;
+//!   live upgrade: [`upgrade`] (the two processes), [`handover`] (the
+//!   bytes), `EventLoop::take_over` and `LoopHandle::freeze` in
+//!   [`event_loop`], `Conn::save`/`Conn::restore` in [`conn`].
 
 #![deny(missing_docs)]
 

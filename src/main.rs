@@ -35,8 +35,8 @@ use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread;
 
 const SIGNALS: Token = Token(0);
@@ -141,6 +141,7 @@ fn run(
         plan: upgrade_plan(program, &cli, &loops),
         loops,
         stopping: false,
+        signalled: false,
         upgrading: None,
         handed_over: false,
     };
@@ -368,6 +369,10 @@ struct Serving {
     plan: Result<Plan, String>,
     /// A graceful shutdown was asked of the loops.
     stopping: bool,
+    /// A SIGINT/SIGTERM came (the next one exits at once). Not set by the
+    /// stop an upgrade's old process passes on: a signal that reached
+    /// both processes is still the first one here.
+    signalled: bool,
     upgrading: Option<Upgrading>,
     /// The loops were handed to a new process: it owns the pid file now.
     handed_over: bool,
@@ -375,7 +380,8 @@ struct Serving {
 
 /// An upgrade running on its own thread.
 struct Upgrading {
-    thread: thread::JoinHandle<Result<Done, String>>,
+    /// Its outcome, sent just before it wakes the main `poll`.
+    outcome: mpsc::Receiver<Result<Done, String>>,
     /// Set when SIGINT/SIGTERM comes meanwhile.
     stop: Arc<AtomicBool>,
 }
@@ -393,20 +399,17 @@ impl Serving {
                 }
                 return Err(format!("poll: {e}"));
             }
+            self.end_upgrade(false);
             for signal in signals.pending() {
                 if signal == SIGUSR2 {
                     self.start_upgrade();
                     continue;
                 }
-                let asked = self.stopping
-                    || self
-                        .upgrading
-                        .as_ref()
-                        .is_some_and(|u| u.stop.load(Ordering::SeqCst));
-                if asked {
+                if self.signalled {
                     warn!("second signal ({signal}): exiting now");
                     return Ok(Some(ExitCode::from(1)));
                 }
+                self.signalled = true;
                 match &self.upgrading {
                     Some(u) => {
                         info!("signal {signal}: graceful shutdown once the upgrade is over");
@@ -418,17 +421,9 @@ impl Serving {
                     }
                 }
             }
-            if self
-                .upgrading
-                .as_ref()
-                .is_some_and(|u| u.thread.is_finished())
-            {
-                self.end_upgrade();
-            }
         }
-        if self.upgrading.is_some() {
-            self.end_upgrade();
-        }
+        // Handed over: the loops are gone; the outcome says to whom.
+        self.end_upgrade(true);
         Ok(None)
     }
 
@@ -463,15 +458,15 @@ impl Serving {
         let stop = Arc::new(AtomicBool::new(false));
         let woken = self.loops.woken.clone();
         let flag = stop.clone();
+        let (tx, outcome) = mpsc::channel();
         let spawned = thread::Builder::new()
             .name("upgrade".into())
             .spawn(move || {
-                let result = upgrade::hand_over(&plan, &flag);
+                let _ = tx.send(upgrade::hand_over(&plan, &flag));
                 let _ = woken.wake();
-                result
             });
         match spawned {
-            Ok(thread) => self.upgrading = Some(Upgrading { thread, stop }),
+            Ok(_) => self.upgrading = Some(Upgrading { outcome, stop }),
             Err(e) => {
                 error!("upgrade failed: thread: {e}; still serving");
                 notify(&[NotifyState::Ready]);
@@ -479,20 +474,34 @@ impl Serving {
         }
     }
 
-    /// The upgrade thread is done (or about to be): report its outcome; a
-    /// failed one leaves this process serving, and a stop asked meanwhile
-    /// is carried out here.
-    fn end_upgrade(&mut self) {
-        let Some(u) = self.upgrading.take() else {
+    /// Reports the upgrade's outcome once there is one (`wait`: wait for
+    /// it); a failed one leaves this process serving, and a stop asked
+    /// meanwhile is carried out here.
+    fn end_upgrade(&mut self, wait: bool) {
+        let Some(u) = &self.upgrading else {
             return;
         };
+        let outcome = match wait {
+            true => u
+                .outcome
+                .recv()
+                .map_err(|_| mpsc::TryRecvError::Disconnected),
+            false => u.outcome.try_recv(),
+        };
+        let outcome = match outcome {
+            Ok(outcome) => Ok(outcome),
+            Err(mpsc::TryRecvError::Empty) => return,
+            Err(mpsc::TryRecvError::Disconnected) => Err(()),
+        };
         let stop = u.stop.load(Ordering::SeqCst);
-        match u.thread.join() {
+        self.upgrading = None;
+        match outcome {
             Ok(Ok(done)) => {
                 info!(
                     "upgrade: {} listeners and {} connections handed to pid {}",
                     done.listeners, done.conns, done.pid
                 );
+                info!("upgrade: the loops were frozen for {:?}", done.frozen);
                 self.handed_over = true;
             }
             Ok(Err(e)) => {

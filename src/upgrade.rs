@@ -85,6 +85,9 @@ pub struct Done {
     pub listeners: usize,
     /// Connections handed over.
     pub conns: usize,
+    /// How long the loops were frozen, from the first to freeze until the
+    /// commit: the pause every client saw (besides waiting for its turn).
+    pub frozen: Duration,
 }
 
 /// Runs one upgrade to its end, on the caller's thread; `stop` is set if a
@@ -96,9 +99,8 @@ pub fn hand_over(plan: &Plan, stop: &AtomicBool) -> Result<Done, String> {
     drop(theirs);
     let pid = child.id();
     let mut frozen = Vec::new();
-    match offer_and_send(plan, &ours, deadline, &mut frozen) {
-        Ok(()) => {}
-        Err(e) => return Err(abandon(&mut child, frozen, e, plan)),
+    if let Err(e) = offer_and_send(plan, &ours, deadline, &mut frozen) {
+        return Err(abandon(&mut child, frozen, e, plan));
     }
     // The point of no return: from `C` on, the new process serves.
     let stopping = stop.load(Ordering::SeqCst);
@@ -109,6 +111,7 @@ pub fn hand_over(plan: &Plan, stop: &AtomicBool) -> Result<Done, String> {
         pid,
         listeners: frozen.iter().map(|f| f.listeners.len()).sum(),
         conns: frozen.iter().map(|f| f.conns.len()).sum(),
+        frozen: (frozen.iter().map(|f| f.since).min()).map_or(Duration::ZERO, |t| t.elapsed()),
     };
     for f in &frozen {
         let _ = f.verdict.send(Verdict::HandedOver);
@@ -217,13 +220,13 @@ fn abandon(child: &mut Child, frozen: Vec<Frozen>, why: String, plan: &Plan) -> 
     for f in frozen {
         let _ = f.verdict.send(Verdict::Resume);
     }
+    let (pid, program) = (child.id(), plan.program.display());
     match ended {
-        Some(status) => format!(
-            "pid {} ({}) {status} before taking over ({why})",
-            child.id(),
-            plan.program.display()
+        Some(status) => format!("pid {pid} ({program}) ended before taking over: {status} ({why})"),
+        None => format!(
+            "pid {pid} ({program}) did not take over within {:?} ({why}); killed it",
+            plan.timeout
         ),
-        None => format!("pid {}: {why}; killed it", child.id()),
     }
 }
 

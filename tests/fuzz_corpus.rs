@@ -17,9 +17,11 @@ use std::path::{Path, PathBuf};
 type Check = fn(&[u8]);
 
 /// Every fuzz target, with its check.
-const TARGETS: [(&str, Check); 5] = [
+const TARGETS: [(&str, Check); 7] = [
     ("connection", checks::connection::check_connection),
     ("framing", checks::framing::check_framing),
+    ("handover", checks::handover::check_handover),
+    ("handover_valid", checks::handover::check_valid),
     ("metrics_request", checks::metrics_request::check_request),
     ("proxy", checks::proxy::check_bytes),
     ("proxy_valid", checks::proxy::check_valid),
@@ -98,6 +100,17 @@ fn a_changing_answer_is_caught() {
     assert!(caught.is_err());
     let steady = checks::prefixes::first_final(b"abc", |buf| (buf.len() >= 2).then_some("final"));
     assert_eq!(steady, Some((2, "final")));
+}
+
+/// The allocation bound can fail: what a call allocates counts, even when
+/// it is freed before the call returns, and what was held before does not.
+#[test]
+fn an_allocation_is_counted() {
+    let held = std::hint::black_box(vec![0u8; 1 << 20]);
+    let freed = || drop(std::hint::black_box(Vec::<u8>::with_capacity(3 << 20)));
+    let ((), peak) = checks::alloc::peak_during(freed);
+    assert!((3 << 20..4 << 20).contains(&peak), "{peak}");
+    drop(held);
 }
 
 // ----- findings -------------------------------------------------------------

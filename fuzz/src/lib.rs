@@ -8,9 +8,12 @@
 //! that reason the modules refer to each other with `super::`, never
 //! `crate::`, and use only crates the root crate also depends on.
 
+pub mod alloc;
 pub mod connection;
 pub mod framing;
+pub mod handover;
 pub mod metrics_request;
 pub mod model;
 pub mod prefixes;
 pub mod proxy;
+pub mod recipe;

@@ -8,6 +8,7 @@ use echoloop::proxy::{self, MAX_LEN, Parsed, V1_MAX_LEN};
 use ppp::{v1, v2};
 
 use super::prefixes::first_final;
+use super::recipe::Reader;
 
 /// What the server does with a connection's first bytes: the answer of
 /// [`proxy::parse`] without the log text of `Invalid`, which may name a
@@ -240,32 +241,4 @@ pub fn build(input: &[u8]) -> Option<(Vec<u8>, Option<SocketAddr>, &[u8])> {
         builder = builder.write_tlv(kind, r.take(len)).ok()?;
     }
     Some((builder.build().ok()?, client, r.0))
-}
-
-/// The fuzz input being read as a recipe: what is left of it.
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    /// The next `n` bytes, or as many as are left.
-    fn take(&mut self, n: usize) -> &'a [u8] {
-        let (taken, rest) = self.0.split_at(n.min(self.0.len()));
-        self.0 = rest;
-        taken
-    }
-
-    /// The next `N` bytes, zeros past the end.
-    fn array<const N: usize>(&mut self) -> [u8; N] {
-        let mut out = [0; N];
-        let taken = self.take(N);
-        out[..taken.len()].copy_from_slice(taken);
-        out
-    }
-
-    fn byte(&mut self) -> u8 {
-        self.array::<1>()[0]
-    }
-
-    fn u16(&mut self) -> u16 {
-        u16::from_be_bytes(self.array())
-    }
 }
