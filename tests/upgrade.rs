@@ -209,6 +209,14 @@ fn a_thousand_ping_pong_connections_see_no_error_across_three_upgrades() {
     assert_eq!(json["connects"]["attempted"], CONNS, "{report}");
     assert_eq!(json["connects"]["established"], CONNS, "{report}");
     let replies = json["replies_total"].as_u64().unwrap();
+    let log = up.stderr();
+    let frozen: Vec<&str> = messages(&log)
+        .filter_map(|m| m.strip_prefix("upgrade: the loops were frozen for "))
+        .collect();
+    eprintln!(
+        "{replies} replies, latency max {} us (p99 {} us); loops frozen for {frozen:?}",
+        json["latency_us"]["max"], json["latency_us"]["p99"]
+    );
     assert!(replies > 10 * CONNS, "{report}");
     // Every line the tool was answered was counted once, over four processes.
     up.wait_until(LOG_DELAY, "the load's connections to close", |_| {
@@ -422,6 +430,10 @@ fn connections_opened_during_upgrades_are_all_answered() {
             panic!("{e} (after {} good ones)", done.load(Ordering::Relaxed));
         }
     }
+    eprintln!(
+        "{} connections, each answered, across three upgrades",
+        done.load(Ordering::Relaxed)
+    );
 }
 
 #[test]
