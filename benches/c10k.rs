@@ -22,20 +22,34 @@
 //! `BENCHMARKS.md` under "Analysis", followed by the hand-written
 //! `benches/idle-analysis.md` and `benches/open-loop-analysis.md`.
 //!
-//! After the rounds, a short soak (`echoloop-load --mode soak`: good
-//! ping-pong clients among abusive ones, the server's memory, descriptors
-//! and idle CPU checked) runs against echoloop alone.
+//! After the rounds, two sections run against echoloop alone:
 //!
-//! Environment: `C10K_ROUNDS` (default 3, at least 2), `C10K_SECS` (seconds
-//! of each measured window, default 4), `C10K_SOAK_SECS` (default 60, `0`
-//! skips the soak), `C10K_SOAK_CONNS` (good clients, default 2,000) and
-//! `C10K_ONLY` (e.g. `rate,soak`: run only those kinds, print the table,
-//! leave `BENCHMARKS.md` alone). The exit status is non-zero when the load
-//! generator counted any reply error against any server, or the soak found
-//! a broken promise.
+//! - a short soak (`echoloop-load --mode soak`: good ping-pong clients among
+//!   abusive ones, the server's memory, descriptors and idle CPU checked);
+//! - the live upgrade: for each round, two load shapes at 10,000
+//!   connections (open loop at 20,000 lines/s, and ping-pong), each run once
+//!   without and then once with a SIGUSR2 in the middle of a 6 s window,
+//!   each against a fresh echoloop copied to a temp dir and started with
+//!   `--pid-file`. It reports the reply latency (p99, p99.9, max) without,
+//!   with and the difference, the old process's `the loops were frozen for`
+//!   figure and the time from the signal to its hand-over line, as
+//!   "Live upgrade at 10,000 connections" in `BENCHMARKS.md`.
+//!
+//! Environment: `C10K_ROUNDS` (default 3, at least 2; the live upgrade runs
+//! as many rounds), `C10K_SECS` (seconds of each measured window of the
+//! rounds, default 4), `C10K_SOAK_SECS` (default 60, `0` skips the soak),
+//! `C10K_SOAK_CONNS` (good clients, default 2,000) and `C10K_ONLY` (a
+//! comma-separated list of kinds among `pingpong`, `pipeline`, `connect`,
+//! `idle`, `rate`, `soak` and `upgrade`, e.g. `rate,soak`: run only those,
+//! print the tables, leave `BENCHMARKS.md` alone). The exit status is
+//! non-zero when the load generator counted any reply error against any
+//! server, the soak found a broken promise, or a live-upgrade run had an
+//! error (the load generator's, or a hand-over that did not complete).
 //!
 //! Every process started here is owned by a [`Proc`] guard that kills it by
-//! PID when dropped, panics included. Each server listens on a fresh
+//! PID when dropped, panics included; a process that took over in a live
+//! upgrade is not our child, and is killed by the PID its pid file named
+//! (see [`UpgradableServer`]). Each server listens on a fresh
 //! loopback address (127.0.0.2, 127.0.0.3, ...), so the TIME_WAIT sockets
 //! that one run leaves behind never collide with the next run's
 //! connections. All traffic stays on 127.0.0.0/8.
@@ -47,7 +61,7 @@ use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 /// A server under test: its name in the table and its binary under
@@ -260,14 +274,16 @@ fn build() {
 fn start_server(server: &Server, listen: &str, pinning: &Pinning) -> (Proc, String) {
     let path = target_dir().join("release").join(server.binary);
     let mut cmd = pinning.command(0, &path);
-    cmd.args(["--listen", listen])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+    cmd.args(["--listen", listen]).stderr(Stdio::null());
+    spawn_announced(cmd, server.name)
+}
+
+/// Starts `cmd` (a server, with its stderr already set up) and waits for
+/// its `Echoing on ADDR` line. Returns the guard and the address.
+fn spawn_announced(mut cmd: Command, name: &str) -> (Proc, String) {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped());
     let mut proc = Proc {
-        child: cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", path.display())),
+        child: cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}")),
     };
     let stdout = proc.child.stdout.take().expect("piped stdout");
     // A blocking read has no timeout: read on a thread, wait on a channel.
@@ -279,11 +295,11 @@ fn start_server(server: &Server, listen: &str, pinning: &Pinning) -> (Proc, Stri
     });
     let line = rx
         .recv_timeout(STARTUP_TIMEOUT)
-        .unwrap_or_else(|_| panic!("{} printed no `Echoing on` line", server.name));
+        .unwrap_or_else(|_| panic!("{name} printed no `Echoing on` line"));
     let addr = line
         .trim()
         .strip_prefix("Echoing on ")
-        .unwrap_or_else(|| panic!("{}: unexpected first line {line:?}", server.name))
+        .unwrap_or_else(|| panic!("{name}: unexpected first line {line:?}"))
         .to_string();
     (proc, addr)
 }
@@ -399,6 +415,490 @@ fn run_soak(pinning: &Pinning) -> Option<Value> {
     Some(report)
 }
 
+// ----- live upgrade -----------------------------------------------------------
+
+/// A load shape of the live-upgrade section: its name and the load
+/// generator's arguments.
+struct UpgradeShape {
+    name: &'static str,
+    args: &'static [&'static str],
+    /// Open loop: lines per second in all (for the sentence under the table).
+    rate: Option<u64>,
+}
+
+/// The live-upgrade section's load shapes, each run against echoloop
+/// without and with a SIGUSR2 in its window.
+const UPGRADE_SHAPES: [UpgradeShape; 2] = [
+    // 20,000 lines/s is far from saturation: at 10,000 connections
+    // echoloop answered 182,528 lines/s in closed loop, and at 50,000/s in
+    // open loop it used under half a core (9.2 µs per reply) with a median
+    // of 122 µs (BENCHMARKS.md). So without an upgrade the tail is service,
+    // not queueing, and with one the lines queued while the loops are
+    // frozen (20 per ms) drain in a few ms: what the upgrade adds shows on
+    // its own, in full, in the corrected max.
+    UpgradeShape {
+        name: "open loop 10,000 @ 20,000/s",
+        args: &["--mode", "rate", "--rate", "20000", "--conns", "10000"],
+        rate: Some(20_000),
+    },
+    UpgradeShape {
+        name: "ping-pong 10,000",
+        args: &["--mode", "pingpong", "--conns", "10000"],
+        rate: None,
+    },
+];
+/// The connections of every shape (the server must hold them all before
+/// the window, and hand them all over).
+const UPGRADE_CONNS: usize = 10_000;
+/// Seconds of each measured window: long enough for a hand-over signalled
+/// at [`UPGRADE_SIGNAL_AT`] to be done well inside it.
+const UPGRADE_SECS: u64 = 6;
+/// The warm-up before the window (the load generator's `--warmup`).
+const UPGRADE_WARMUP: Duration = Duration::from_secs(1);
+/// When, from the start of the window, SIGUSR2 is sent.
+const UPGRADE_SIGNAL_AT: Duration = Duration::from_secs(3);
+/// The bound on every wait of an upgrade run: all the connections in, each
+/// log line, the pid file, the old process's exit, the new one's death.
+const UPGRADE_WAIT: Duration = Duration::from_secs(15);
+
+/// One run of the live-upgrade section.
+#[derive(Clone, Default)]
+struct UpgradeRun {
+    /// The load generator's figures; its errors include the bench's own
+    /// checks of the hand-over that failed.
+    load: Sample,
+    /// Upgrade runs: the old process's `the loops were frozen for` figure.
+    frozen: Option<Duration>,
+    /// Upgrade runs: from SIGUSR2 to the old process's hand-over line.
+    handover: Option<Duration>,
+}
+
+/// An echoloop started from its own copy of the binary, in a fresh
+/// directory, with `--pid-file` there: SIGUSR2 makes it run that copy.
+///
+/// After an upgrade the serving process is not our child. When dropped,
+/// every process the pid file named (other than the one we started, which
+/// its [`Proc`] kills) is killed by PID if it still runs our copy of the
+/// binary, and the directory is removed.
+struct UpgradableServer {
+    proc: Proc,
+    addr: String,
+    dir: tempfile::TempDir,
+    pid_file: PathBuf,
+    /// The server's descriptors before any client connected.
+    base_fds: usize,
+    /// Every line any of the processes wrote to stderr (the new process
+    /// inherits the old one's), with when the bench read it.
+    log: Arc<Mutex<Vec<(Instant, String)>>>,
+    /// Every pid the pid file named.
+    named: Vec<u32>,
+}
+
+impl UpgradableServer {
+    /// Copies echoloop to a temp dir and starts it there, pinned to core 0,
+    /// on `listen` with `--pid-file` and the `info` log level.
+    fn start(listen: &str, pinning: &Pinning) -> UpgradableServer {
+        let dir = tempfile::Builder::new()
+            .prefix("c10k-upgrade-")
+            .tempdir()
+            .expect("create a temp dir");
+        let exe = dir.path().join("echoloop");
+        let built = target_dir().join("release").join(SERVERS[ECHOLOOP].binary);
+        // The copy keeps the mode; its descriptor is closed on return, so
+        // no process runs it while it is open for writing.
+        std::fs::copy(&built, &exe).expect("copy echoloop to the temp dir");
+        let pid_file = dir.path().join("echoloop.pid");
+        let mut cmd = pinning.command(0, &exe);
+        cmd.args(["--listen", listen, "--log-level", "info", "--pid-file"])
+            .arg(&pid_file)
+            .stderr(Stdio::piped());
+        let (mut proc, addr) = spawn_announced(cmd, "echoloop (upgradable)");
+        let stderr = proc.child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        // Ends when every process holding the pipe (old and new) is gone.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push((Instant::now(), line));
+            }
+        });
+        let mut server = UpgradableServer {
+            proc,
+            addr,
+            dir,
+            pid_file,
+            base_fds: 0,
+            log,
+            named: Vec::new(),
+        };
+        let pid = server.proc.child.id();
+        let named = wait_for(UPGRADE_WAIT, || server.read_pid_file() == Some(pid));
+        assert!(named, "the pid file never named pid {pid}");
+        server.base_fds = server.fds();
+        server
+    }
+
+    /// The descriptors the process we started has open now.
+    fn fds(&self) -> usize {
+        let pid = self.proc.child.id();
+        std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+    }
+
+    /// The pid the pid file names now, remembered for the clean-up.
+    fn read_pid_file(&mut self) -> Option<u32> {
+        let text = std::fs::read_to_string(&self.pid_file).ok()?;
+        let pid = text.strip_suffix('\n')?.parse().ok()?;
+        if !self.named.contains(&pid) {
+            self.named.push(pid);
+        }
+        Some(pid)
+    }
+
+    /// The first log message (without env_logger's `[time LEVEL target] `)
+    /// that `parse` accepts, and when it was read.
+    fn find_log<T>(&self, parse: impl Fn(&str) -> Option<T>) -> Option<(Instant, T)> {
+        let log = self.log.lock().unwrap();
+        log.iter().find_map(|(at, line)| {
+            let msg = line.split_once("] ").map_or(line.as_str(), |(_, m)| m);
+            Some((*at, parse(msg)?))
+        })
+    }
+
+    /// The whole log on one line (` / ` between lines), for a failure's
+    /// report.
+    fn log_text(&self) -> String {
+        let log = self.log.lock().unwrap();
+        let lines: Vec<&str> = log.iter().map(|(_, l)| l.as_str()).collect();
+        lines.join(" / ")
+    }
+}
+
+impl Drop for UpgradableServer {
+    fn drop(&mut self) {
+        let _ = self.read_pid_file();
+        let ours = self.proc.child.id();
+        for &pid in self.named.iter().filter(|&&p| p != ours) {
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe"));
+            if exe.is_ok_and(|exe| exe.starts_with(self.dir.path())) {
+                signal(pid, libc::SIGKILL);
+                // Not our child: whoever reaps it, it is gone once it is
+                // no longer running.
+                wait_for(UPGRADE_WAIT, || !running(pid));
+            }
+        }
+    }
+}
+
+/// Sends `sig` to `pid` (our child, or a pid our pid file named).
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) has no memory effects on this process.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// Whether `pid` exists and is not a zombie.
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, s)| !s.starts_with('Z'))
+    })
+}
+
+/// Polls `done` every 10 ms until it holds (true) or `within` has passed
+/// (false).
+fn wait_for(within: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + within;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `N listeners and M connections handed to pid P` → (M, P).
+fn parse_handover(msg: &str) -> Option<(usize, u32)> {
+    let (counts, pid) = msg
+        .strip_prefix("upgrade: ")?
+        .split_once(" handed to pid ")?;
+    let conns = counts.split_once(" and ")?.1.split_once(' ')?.0;
+    Some((conns.parse().ok()?, pid.parse().ok()?))
+}
+
+/// A `Duration`'s Debug text (`41.2ms`, `1.5s`, `812µs`, `90ns`) read back.
+fn parse_debug_duration(text: &str) -> Option<Duration> {
+    let split = text.find(|c: char| c.is_alphabetic())?;
+    let (value, unit) = text.split_at(split);
+    let scale = match unit {
+        "s" => 1.0,
+        "ms" => 1e-3,
+        "µs" => 1e-6,
+        "ns" => 1e-9,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(value.parse::<f64>().ok()? * scale))
+}
+
+/// One run of the live-upgrade section: a fresh upgradable echoloop on
+/// `listen`, the load generator against it, and (when `upgrade`) one
+/// SIGUSR2 in the middle of the window.
+fn run_upgrade(shape: &UpgradeShape, upgrade: bool, listen: &str, pinning: &Pinning) -> UpgradeRun {
+    let mut server = UpgradableServer::start(listen, pinning);
+    let secs = UPGRADE_SECS.to_string();
+    let warmup = UPGRADE_WARMUP.as_secs().to_string();
+    let addr = server.addr.clone();
+    let mut args = vec!["--target", addr.as_str(), "--secs", &secs];
+    args.extend(["--warmup", &warmup]);
+    args.extend_from_slice(shape.args);
+    let limit = Duration::from_secs(UPGRADE_SECS + 60);
+    // The load generator runs on a thread while this one drives the upgrade.
+    let (report, status, err, handed) = std::thread::scope(|s| {
+        let load = s.spawn(|| load_json(&args, limit, pinning));
+        let handed = drive_upgrade(&mut server, upgrade);
+        let (report, status, err, _) = load.join().expect("the load generator's thread");
+        (report, status, err, handed)
+    });
+    let mut run = UpgradeRun {
+        load: parse_report(&report),
+        ..UpgradeRun::default()
+    };
+    let mut failures = Vec::new();
+    if !status.success() {
+        failures.push(format!("echoloop-load {status}: {}", err.trim()));
+    }
+    match handed {
+        Ok(Some((frozen, handover))) => {
+            run.frozen = Some(frozen);
+            run.handover = Some(handover);
+            // The old process is our child: it must have exited, with 0.
+            let old = &mut server.proc.child;
+            let mut exit = None;
+            wait_for(UPGRADE_WAIT, || {
+                exit = old.try_wait().ok().flatten();
+                exit.is_some()
+            });
+            if !exit.is_some_and(|e| e.success()) {
+                failures.push(format!("the old process's exit: {exit:?}"));
+            }
+        }
+        Ok(None) => {}
+        Err(why) => failures.push(format!("{why}; log: {}", server.log_text())),
+    }
+    if !failures.is_empty() {
+        run.load.errors += failures.len() as u64;
+        let detail = &mut run.load.error_detail;
+        *detail = [detail.clone(), failures.join("; ")]
+            .join(" ")
+            .trim()
+            .to_string();
+    }
+    run
+}
+
+/// Waits for every connection to reach the server, then for the middle of
+/// the measured window; with `upgrade`, sends SIGUSR2 there and waits for
+/// the hand-over: the old process's line, the pid file naming the new
+/// process, the frozen time. Returns (frozen time, SIGUSR2 → hand-over
+/// line), or why the hand-over failed.
+fn drive_upgrade(
+    server: &mut UpgradableServer,
+    upgrade: bool,
+) -> Result<Option<(Duration, Duration)>, String> {
+    let pid = server.proc.child.id();
+    let all_in = server.base_fds + UPGRADE_CONNS;
+    if !wait_for(UPGRADE_WAIT, || server.fds() >= all_in) {
+        return Err(format!(
+            "the server had {} connections, not {UPGRADE_CONNS}, after {UPGRADE_WAIT:?}",
+            server.fds().saturating_sub(server.base_fds)
+        ));
+    }
+    // The load generator's window begins its warm-up after its last connect.
+    let window_end = Instant::now() + UPGRADE_WARMUP + Duration::from_secs(UPGRADE_SECS);
+    std::thread::sleep(UPGRADE_WARMUP + UPGRADE_SIGNAL_AT);
+    if !upgrade {
+        return Ok(None);
+    }
+    let signalled = Instant::now();
+    signal(pid, libc::SIGUSR2);
+    let mut handed = None;
+    wait_for(UPGRADE_WAIT, || {
+        handed = server.find_log(parse_handover);
+        handed.is_some()
+    });
+    let (handed_at, (conns, new_pid)) =
+        handed.ok_or_else(|| format!("no hand-over line {UPGRADE_WAIT:?} after SIGUSR2"))?;
+    if conns != UPGRADE_CONNS {
+        return Err(format!(
+            "{conns} connections handed over, not {UPGRADE_CONNS}"
+        ));
+    }
+    if !wait_for(UPGRADE_WAIT, || server.read_pid_file() == Some(new_pid)) {
+        return Err(format!(
+            "the pid file never named the new process {new_pid}"
+        ));
+    }
+    let frozen_line =
+        |m: &str| parse_debug_duration(m.strip_prefix("upgrade: the loops were frozen for ")?);
+    let mut frozen = None;
+    wait_for(UPGRADE_WAIT, || {
+        frozen = server.find_log(frozen_line).map(|(_, d)| d);
+        frozen.is_some()
+    });
+    let frozen = frozen.ok_or("no `the loops were frozen for` line")?;
+    if handed_at > window_end {
+        return Err("the hand-over ended after the measured window".to_string());
+    }
+    Ok(Some((frozen, handed_at - signalled)))
+}
+
+/// The live-upgrade section: for each round, each shape without and then
+/// with an upgrade. Returns runs[shape][without, with] and one line per
+/// run; `next_listen` gives each run its fresh address.
+fn run_upgrades(
+    rounds: u64,
+    pinning: &Pinning,
+    mut next_listen: impl FnMut() -> String,
+) -> (Vec<[Vec<UpgradeRun>; 2]>, Vec<String>) {
+    let mut runs: Vec<[Vec<UpgradeRun>; 2]> =
+        UPGRADE_SHAPES.iter().map(|_| Default::default()).collect();
+    let mut lines = Vec::new();
+    for round in 1..=rounds {
+        for (si, shape) in UPGRADE_SHAPES.iter().enumerate() {
+            for (vi, upgrade) in [false, true].into_iter().enumerate() {
+                let run = run_upgrade(shape, upgrade, &next_listen(), pinning);
+                let ms = |d: Option<Duration>| num(d.map(|d| d.as_secs_f64() * 1e3));
+                let l = &run.load;
+                let line = format!(
+                    "round {round}/{rounds} {:<28} {:<15} p99 {:>8} µs p99.9 {:>8} µs max {:>8} µs tool lateness p99 {:>6} µs frozen {:>5} ms signal→hand-over {:>5} ms errors {}",
+                    shape.name,
+                    if upgrade {
+                        "with upgrade"
+                    } else {
+                        "without upgrade"
+                    },
+                    num(Some(l.latency[1])),
+                    num(Some(l.latency[2])),
+                    num(Some(l.latency_max)),
+                    num(l.lateness_p99),
+                    ms(run.frozen),
+                    ms(run.handover),
+                    l.errors,
+                );
+                eprintln!("{line}");
+                lines.push(line);
+                runs[si][vi].push(run);
+                std::thread::sleep(PAUSE);
+            }
+        }
+    }
+    (runs, lines)
+}
+
+/// The live-upgrade section of `BENCHMARKS.md`: medians over the rounds.
+fn upgrade_md(runs: &[[Vec<UpgradeRun>; 2]], rounds: u64) -> String {
+    let mut d = String::new();
+    let _ = writeln!(
+        d,
+        "\n## Live upgrade at 10,000 connections\n\n\
+         echoloop alone (pinned like the rounds), {rounds} rounds; in each, each load shape \
+         runs twice, each time against a fresh echoloop copied to a temp dir and started with \
+         `--pid-file`: once without an upgrade, then once with a SIGUSR2 {} s into the \
+         {UPGRADE_SECS} s window (after {} s of warm-up), the bench waiting for the old \
+         process's hand-over line and for the pid file to name the new process. Latency is \
+         `echoloop-load`'s (open loop: corrected, from each line's due time); figures are \
+         medians over the rounds, the difference is with minus without, errors are summed \
+         (the load generator's, a late run of its own included, and the bench's checks of the \
+         hand-over).\n",
+        UPGRADE_SIGNAL_AT.as_secs(),
+        UPGRADE_WARMUP.as_secs(),
+    );
+    let _ = writeln!(
+        d,
+        "| load | figure | without upgrade | with upgrade | difference |\n|---|---|--:|--:|--:|"
+    );
+    let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
+    let mut growth = Vec::new();
+    for (shape, [without, with]) in UPGRADE_SHAPES.iter().zip(runs) {
+        // The tail a client sees: p99, p99.9 and max.
+        let tail = |r: &UpgradeRun, i: usize| {
+            [r.load.latency[1], r.load.latency[2], r.load.latency_max][i]
+        };
+        let latency = if shape.rate.is_some() {
+            "corrected "
+        } else {
+            ""
+        };
+        for (i, figure) in ["p99 µs", "p99.9 µs", "max µs"].into_iter().enumerate() {
+            let m = |runs: &[UpgradeRun]| median(runs.iter().map(|r| Some(tail(r, i))));
+            let (a, b) = (m(without), m(with));
+            let diff = a.zip(b).map(|(a, b)| b - a);
+            if figure == "max µs" {
+                growth.push(diff);
+            }
+            let _ = writeln!(
+                d,
+                "| {} | {latency}{figure} | {} | {} | {} |",
+                shape.name,
+                num(a),
+                num(b),
+                signed(diff)
+            );
+        }
+        let frozen = median(with.iter().map(|r| ms(r.frozen)));
+        let handover = median(with.iter().map(|r| ms(r.handover)));
+        let _ = writeln!(
+            d,
+            "| {} | loops frozen ms (old process's log) | — | {} | |",
+            shape.name,
+            num(frozen)
+        );
+        let _ = writeln!(
+            d,
+            "| {} | SIGUSR2 → hand-over line ms | — | {} | |",
+            shape.name,
+            num(handover)
+        );
+        let errors = |runs: &[UpgradeRun]| runs.iter().map(|r| r.load.errors).sum::<u64>();
+        let _ = writeln!(
+            d,
+            "| {} | errors (sum) | {} | {} | |",
+            shape.name,
+            errors(without),
+            errors(with)
+        );
+    }
+    let errors: u64 = runs.iter().flatten().flatten().map(|r| r.load.errors).sum();
+    let frozen = median(runs.iter().flat_map(|r| &r[1]).map(|r| ms(r.frozen)));
+    let queued = UPGRADE_SHAPES[0]
+        .rate
+        .zip(frozen)
+        .map(|(rate, f)| rate as f64 * f / 1e3);
+    let ms_of = |us: Option<f64>| signed(us.map(|us| us / 1e3));
+    let outcome = match errors {
+        0 => "no error, no close, no reset: one pause".to_string(),
+        1 => "**1 error** (see the notes), and one pause".to_string(),
+        n => format!("**{n} errors** (see the notes), and one pause"),
+    };
+    let _ = writeln!(
+        d,
+        "\nWhat a client sees: {outcome}. While the loops are frozen (a median {} ms here) \
+         nothing is read or written; then the new process serves the lines the 10,000 \
+         connections queued meanwhile (about {} in the open loop) before the client's own: \
+         the pause is the frozen time plus that drain. The worst reply moved by {} ms in the \
+         open loop and by {} ms in ping-pong.",
+        num(frozen),
+        num(queued),
+        ms_of(growth[0]),
+        ms_of(growth[1]),
+    );
+    d
+}
+
 /// CPU seconds (user + system) of all the children reaped so far.
 fn children_cpu_secs() -> f64 {
     // SAFETY: `getrusage` only writes into the zeroed struct it is given.
@@ -510,10 +1010,10 @@ fn num(v: Option<f64>) -> String {
         None => "—".to_string(),
         Some(v) if v.abs() >= 1000.0 => {
             // Thousands separated by commas, for replies per second.
-            let digits = format!("{:.0}", v);
-            let mut out = String::new();
+            let digits = format!("{:.0}", v.abs());
+            let mut out = String::from(if v < 0.0 { "-" } else { "" });
             for (i, c) in digits.chars().enumerate() {
-                if i > 0 && (digits.len() - i) % 3 == 0 && c != '-' {
+                if i > 0 && (digits.len() - i) % 3 == 0 {
                     out.push(',');
                 }
                 out.push(c);
@@ -523,6 +1023,14 @@ fn num(v: Option<f64>) -> String {
         Some(v) if v.abs() >= 100.0 => format!("{v:.0}"),
         Some(v) if v.abs() >= 10.0 => format!("{v:.1}"),
         Some(v) => format!("{v:.2}"),
+    }
+}
+
+/// A difference: [`num`] with its sign, `+` included.
+fn signed(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v >= 0.0 => format!("+{}", num(Some(v))),
+        _ => num(v),
     }
 }
 
@@ -871,7 +1379,7 @@ fn kind_name(kind: Kind) -> &'static str {
 }
 
 /// `C10K_ONLY=rate,soak`: the kinds to run (`pingpong`, `pipeline`,
-/// `connect`, `idle`, `rate`, `soak`); `None` runs everything. A partial
+/// `connect`, `idle`, `rate`, `soak`, `upgrade`); `None` runs everything. A partial
 /// run prints its table but writes neither `BENCHMARKS.md` nor the chart.
 fn only() -> Option<Vec<String>> {
     let v = std::env::var("C10K_ONLY").ok()?;
@@ -979,6 +1487,34 @@ fn main() -> ExitCode {
     } else {
         None
     };
+    let upgrades = wanted("upgrade").then(|| {
+        let (runs, lines) = run_upgrades(rounds, &pinning, || {
+            let listen = format!("127.0.0.{}:0", 2 + run % 200);
+            run += 1;
+            listen
+        });
+        run_lines.extend(lines);
+        runs
+    });
+    let upgrade_errors: u64 = upgrades
+        .iter()
+        .flatten()
+        .flatten()
+        .flatten()
+        .map(|r| r.load.errors)
+        .sum();
+    for (shape, variants) in UPGRADE_SHAPES.iter().zip(upgrades.iter().flatten()) {
+        for (variant, runs) in ["without upgrade", "with upgrade"].iter().zip(variants) {
+            for (round, r) in (1..).zip(runs).filter(|(_, r)| r.load.errors > 0) {
+                let line = format!(
+                    "Errors: round {round}, {}, {variant}: {} ({})",
+                    shape.name, r.load.errors, r.load.error_detail
+                );
+                println!("{line}");
+                notes.push(line);
+            }
+        }
+    }
     let elapsed = started.elapsed();
 
     let summaries: Vec<[Summary; 3]> = samples
@@ -999,10 +1535,14 @@ fn main() -> ExitCode {
     if let Some(text) = &soak_section {
         print!("{text}");
     }
+    let upgrade_section = upgrades.as_ref().map(|runs| upgrade_md(runs, rounds));
+    if let Some(text) = &upgrade_section {
+        print!("{text}");
+    }
     let soak_ok = soak.as_ref().is_none_or(|v| v["ok"] == true);
     if only.is_some() {
         println!("C10K_ONLY: a partial run, BENCHMARKS.md and the chart are left as they were");
-        return if soak_ok {
+        return if soak_ok && upgrade_errors == 0 {
             ExitCode::SUCCESS
         } else {
             ExitCode::FAILURE
@@ -1024,6 +1564,7 @@ fn main() -> ExitCode {
         run_lines: &run_lines,
         all_met,
         soak: soak_section.as_deref(),
+        upgrade: upgrade_section.as_deref(),
     });
     let doc_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md");
     std::fs::write(&doc_path, doc).expect("write BENCHMARKS.md");
@@ -1034,6 +1575,10 @@ fn main() -> ExitCode {
     }
     if !soak_ok {
         println!("FAILED: the soak found a broken promise");
+        return ExitCode::FAILURE;
+    }
+    if upgrade_errors > 0 {
+        println!("FAILED: {upgrade_errors} errors in the live-upgrade runs");
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
@@ -1124,6 +1669,8 @@ struct Doc<'a> {
     all_met: bool,
     /// The soak section, when a soak ran.
     soak: Option<&'a str>,
+    /// The live-upgrade section, when it ran.
+    upgrade: Option<&'a str>,
 }
 
 /// The whole of `BENCHMARKS.md`.
@@ -1138,6 +1685,7 @@ fn benchmarks_md(doc: &Doc) -> String {
         run_lines,
         all_met,
         soak,
+        upgrade,
     } = doc;
     let mut d = String::new();
     let date = command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
@@ -1176,8 +1724,8 @@ fn benchmarks_md(doc: &Doc) -> String {
     );
     let _ = writeln!(d, "{table}");
     let _ = writeln!(d, "![latency percentiles](benches/latency.svg)\n");
-    if let Some(soak) = soak {
-        let _ = writeln!(d, "{}", soak.trim());
+    for section in [soak, upgrade].into_iter().flatten() {
+        let _ = writeln!(d, "{}", section.trim());
         let _ = writeln!(d);
     }
     let _ = writeln!(d, "## Notes\n");
