@@ -351,8 +351,14 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         other => return Err(format!("unknown size unit `{other}` (use KiB, MiB or GiB)")),
     };
     n.checked_mul(mult)
-        .ok_or_else(|| format!("size `{s}` is too large"))
+        .filter(|&n| n <= MAX_SIZE)
+        .ok_or_else(|| format!("size `{s}` is too large (at most 1GiB)"))
 }
+
+/// The largest `--max-line` or `--max-pending-output`: a connection's
+/// buffers then stay far below 4 GiB (a live upgrade hands each over with
+/// a 32-bit length).
+pub const MAX_SIZE: usize = 1 << 30;
 
 /// Parses `--max-connections`: a count of at least 1.
 pub fn parse_cap(s: &str) -> Result<usize, String> {
@@ -400,6 +406,8 @@ mod tests {
         assert!(parse_size("12XB").is_err());
         assert!(parse_size("-1").is_err());
         assert!(parse_size("99999999999999999999GiB").is_err());
+        assert_eq!(parse_size("1GiB"), Ok(MAX_SIZE));
+        assert!(parse_size("1025MiB").is_err());
     }
 
     #[test]

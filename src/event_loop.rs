@@ -168,9 +168,9 @@ impl LoopHandle {
 /// which counts as [`Verdict::Resume`].
 pub struct Frozen {
     /// Each listening socket and what it serves.
-    pub listeners: Vec<(RawFd, Service)>,
+    pub listeners: Vec<HandedListener<RawFd>>,
     /// Each connection's socket, how it is counted, and its state.
-    pub conns: Vec<(RawFd, Kind, Saved)>,
+    pub conns: Vec<HandedConn<RawFd>>,
     /// The loop's counters (its last turn's traffic included).
     pub counters: Snapshot,
     /// The clock its ticks count on.
@@ -191,12 +191,31 @@ pub enum Verdict {
     Resume,
 }
 
+/// A listening socket in a hand-over (`S`: the descriptor of a frozen
+/// loop, or the socket once received) and what it serves.
+pub struct HandedListener<S> {
+    /// The socket.
+    pub socket: S,
+    /// What its connections become.
+    pub service: Service,
+}
+
+/// A connection in a hand-over (`S` as in [`HandedListener`]).
+pub struct HandedConn<S> {
+    /// The socket.
+    pub socket: S,
+    /// How it is counted.
+    pub kind: Kind,
+    /// Its state machine's data.
+    pub saved: Saved,
+}
+
 /// What a loop of the old process handed over, its sockets open here.
 pub struct Handed {
-    /// Its listening sockets and what each serves.
-    pub listeners: Vec<(std::net::TcpListener, Service)>,
-    /// Its connections: socket, kind and state.
-    pub conns: Vec<(std::net::TcpStream, Kind, Saved)>,
+    /// Its listening sockets.
+    pub listeners: Vec<HandedListener<std::net::TcpListener>>,
+    /// Its connections.
+    pub conns: Vec<HandedConn<std::net::TcpStream>>,
     /// Its clock (the connections' ticks count on it).
     pub clock: Clock,
 }
@@ -417,9 +436,12 @@ impl EventLoop {
     /// over in a live upgrade: its listeners, and its connections resumed
     /// where they were, each served once at the first turn.
     pub fn take_over(shared: Shared, index: usize, handed: Handed) -> io::Result<EventLoop> {
-        let mut event_loop = EventLoop::build(shared, index, handed.listeners, handed.clock)?;
-        for (stream, kind, saved) in handed.conns {
-            event_loop.adopt(TcpStream::from_std(stream), kind, saved);
+        let listeners = (handed.listeners.into_iter())
+            .map(|l| (l.socket, l.service))
+            .collect();
+        let mut event_loop = EventLoop::build(shared, index, listeners, handed.clock)?;
+        for c in handed.conns {
+            event_loop.adopt(TcpStream::from_std(c.socket), c.kind, c.saved);
         }
         Ok(event_loop)
     }
@@ -561,10 +583,17 @@ impl EventLoop {
         let (verdict, wait) = mpsc::channel();
         let frozen = Frozen {
             listeners: (self.listeners.iter())
-                .map(|l| (l.socket.as_raw_fd(), l.service))
+                .map(|l| HandedListener {
+                    socket: l.socket.as_raw_fd(),
+                    service: l.service,
+                })
                 .collect(),
             conns: (self.conns.slab.iter())
-                .map(|(_, s)| (s.socket.as_raw_fd(), s.kind, s.conn.save()))
+                .map(|(_, s)| HandedConn {
+                    socket: s.socket.as_raw_fd(),
+                    kind: s.kind,
+                    saved: s.conn.save(),
+                })
                 .collect(),
             counters: self.counting.mine.snapshot(),
             clock: self.conns.clock,

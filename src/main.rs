@@ -94,8 +94,14 @@ fn run(
     let mut signals =
         Signals::new([SIGINT, SIGTERM, SIGUSR2]).map_err(|e| format!("signals: {e}"))?;
     let (cfg, fd_limit) = configure(&cli)?;
+    let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
+    poll.registry()
+        .register(&mut signals, SIGNALS, Interest::READABLE)
+        .map_err(|e| format!("signals: {e}"))?;
     let starts = match &mut incoming {
-        Some(from) => (from.receive().map_err(|e| format!("upgrade: {e}"))?)
+        // Started up as far as we can without the sockets: only now does
+        // the old process freeze its loops.
+        Some(from) => (from.take().map_err(|e| format!("upgrade: {e}"))?)
             .into_iter()
             .map(Start::Upgrade)
             .collect(),
@@ -106,10 +112,6 @@ fn run(
         cfg.max_connections, cfg.threads
     );
     let announced = announcement(&starts)?;
-    let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
-    poll.registry()
-        .register(&mut signals, SIGNALS, Interest::READABLE)
-        .map_err(|e| format!("signals: {e}"))?;
     let handed = handed_counts(&starts);
     let built = build_loops(&cfg, starts, &poll)?;
     let stop_at_once = match &mut incoming {
@@ -143,7 +145,9 @@ fn run(
         stopping: false,
         signalled: false,
         upgrading: None,
-        handed_over: false,
+        newcomer: None,
+        successor: None,
+        handed_over: None,
     };
     if stop_at_once {
         info!("the old process was asked to stop during the upgrade: graceful shutdown");
@@ -151,9 +155,10 @@ fn run(
     }
     let code = match serving.wait(&mut poll, &mut signals)? {
         Some(code) => code,
+        None if serving.handed_over == Some(Err(())) => ExitCode::from(1),
         None => join(serving.loops.threads),
     };
-    if !serving.handed_over
+    if serving.handed_over != Some(Ok(()))
         && let Some(path) = &cli.pid_file
         && let Err(e) = pid_file::remove(path)
     {
@@ -374,56 +379,85 @@ struct Serving {
     /// both processes is still the first one here.
     signalled: bool,
     upgrading: Option<Upgrading>,
-    /// The loops were handed to a new process: it owns the pid file now.
-    handed_over: bool,
+    /// The new process of the upgrade in flight, until it serves.
+    newcomer: Option<u32>,
+    /// The process that serves since an upgrade's commit: signals are
+    /// passed on to it.
+    successor: Option<u32>,
+    /// How the hand-over ended, once it did: the new process serves
+    /// (`Ok`, it owns the pid file now), or it died after the commit and
+    /// nobody does (`Err`).
+    handed_over: Option<Result<(), ()>>,
 }
 
 /// An upgrade running on its own thread.
 struct Upgrading {
-    /// Its outcome, sent just before it wakes the main `poll`.
-    outcome: mpsc::Receiver<Result<Done, String>>,
-    /// Set when SIGINT/SIGTERM comes meanwhile.
+    /// Its reports, each sent just before it wakes the main `poll`.
+    reports: mpsc::Receiver<Report>,
+    /// Set when SIGINT/SIGTERM comes before the commit: give up.
     stop: Arc<AtomicBool>,
 }
 
+/// What the upgrade thread tells the main thread.
+enum Report {
+    /// The new process (this pid) runs, not serving yet.
+    Started(u32),
+    /// The new process (this pid) serves from now on.
+    Committed(u32),
+    /// The upgrade is over: handed over, or why not.
+    Finished(Result<Done, String>),
+}
+
 impl Serving {
-    /// Waits until every loop has finished. The first SIGINT/SIGTERM asks
-    /// all of them to shut down gracefully (after the upgrade in flight, if
-    /// any); a second one means exit now (`Some(1)`). SIGUSR2 upgrades.
+    /// Waits until every loop has finished and no upgrade is in flight.
+    /// The first SIGINT/SIGTERM asks all loops to shut down gracefully (and
+    /// abandons an upgrade not yet committed), a second one means exit now
+    /// (`Some(1)`); once an upgrade has committed, both are passed on to
+    /// the process that serves. SIGUSR2 upgrades.
     fn wait(&mut self, poll: &mut Poll, signals: &mut Signals) -> Result<Option<ExitCode>, String> {
         let mut events = Events::with_capacity(8);
-        while self.loops.finished.load(Ordering::SeqCst) < self.loops.threads.len() {
+        while self.loops.finished.load(Ordering::SeqCst) < self.loops.threads.len()
+            || self.upgrading.is_some()
+        {
             if let Err(e) = poll.poll(&mut events, None) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 return Err(format!("poll: {e}"));
             }
-            self.end_upgrade(false);
+            self.take_reports();
             for signal in signals.pending() {
                 if signal == SIGUSR2 {
                     self.start_upgrade();
-                    continue;
-                }
-                if self.signalled {
+                } else if let Some(pid) = self.successor {
+                    info!("signal {signal}: passed on to pid {pid}, which serves now");
+                    // SAFETY: kill(2) on the pid of our own child.
+                    unsafe { libc::kill(pid as libc::pid_t, signal) };
+                } else if self.signalled {
                     warn!("second signal ({signal}): exiting now");
-                    return Ok(Some(ExitCode::from(1)));
-                }
-                self.signalled = true;
-                match &self.upgrading {
-                    Some(u) => {
-                        info!("signal {signal}: graceful shutdown once the upgrade is over");
-                        u.stop.store(true, Ordering::SeqCst);
+                    if let Some(pid) = self.newcomer {
+                        // It must not take over what we leave behind.
+                        // SAFETY: kill(2) on the pid of our own child.
+                        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
                     }
-                    None => {
-                        info!("signal {signal}: graceful shutdown");
-                        self.stop();
+                    return Ok(Some(ExitCode::from(1)));
+                } else {
+                    self.signalled = true;
+                    match &self.upgrading {
+                        Some(u) => {
+                            info!(
+                                "signal {signal}: abandoning the upgrade, then a graceful shutdown"
+                            );
+                            u.stop.store(true, Ordering::SeqCst);
+                        }
+                        None => {
+                            info!("signal {signal}: graceful shutdown");
+                            self.stop();
+                        }
                     }
                 }
             }
         }
-        // Handed over: the loops are gone; the outcome says to whom.
-        self.end_upgrade(true);
         Ok(None)
     }
 
@@ -436,7 +470,7 @@ impl Serving {
 
     /// SIGUSR2: one upgrade at a time, never during a shutdown.
     fn start_upgrade(&mut self) {
-        if self.upgrading.is_some() {
+        if self.upgrading.is_some() || self.successor.is_some() {
             warn!("upgrade already in progress: signal ignored");
             return;
         }
@@ -456,17 +490,25 @@ impl Serving {
         reloading.extend(NotifyState::monotonic_usec_now());
         notify(&reloading);
         let stop = Arc::new(AtomicBool::new(false));
-        let woken = self.loops.woken.clone();
-        let flag = stop.clone();
-        let (tx, outcome) = mpsc::channel();
+        let (tx, reports) = mpsc::channel();
+        let (woken, flag) = (self.loops.woken.clone(), stop.clone());
+        let report = move |r: Report| {
+            let _ = tx.send(r);
+            let _ = woken.wake();
+        };
         let spawned = thread::Builder::new()
             .name("upgrade".into())
             .spawn(move || {
-                let _ = tx.send(upgrade::hand_over(&plan, &flag));
-                let _ = woken.wake();
+                let result = upgrade::hand_over(&plan, &flag, &mut |r| {
+                    report(match r {
+                        upgrade::Step::Started(pid) => Report::Started(pid),
+                        upgrade::Step::Committed(pid) => Report::Committed(pid),
+                    })
+                });
+                report(Report::Finished(result));
             });
         match spawned {
-            Ok(_) => self.upgrading = Some(Upgrading { outcome, stop }),
+            Ok(_) => self.upgrading = Some(Upgrading { reports, stop }),
             Err(e) => {
                 error!("upgrade failed: thread: {e}; still serving");
                 notify(&[NotifyState::Ready]);
@@ -474,45 +516,52 @@ impl Serving {
         }
     }
 
-    /// Reports the upgrade's outcome once there is one (`wait`: wait for
-    /// it); a failed one leaves this process serving, and a stop asked
-    /// meanwhile is carried out here.
-    fn end_upgrade(&mut self, wait: bool) {
+    /// Acts on what the upgrade thread reported: the commit, then the
+    /// outcome. A failed upgrade leaves this process serving (and carries
+    /// out a stop asked meanwhile); a successor that died after the commit
+    /// is an error.
+    fn take_reports(&mut self) {
         let Some(u) = &self.upgrading else {
             return;
         };
-        let outcome = match wait {
-            true => u
-                .outcome
-                .recv()
-                .map_err(|_| mpsc::TryRecvError::Disconnected),
-            false => u.outcome.try_recv(),
-        };
-        let outcome = match outcome {
-            Ok(outcome) => Ok(outcome),
-            Err(mpsc::TryRecvError::Empty) => return,
-            Err(mpsc::TryRecvError::Disconnected) => Err(()),
+        let mut outcome = None;
+        loop {
+            match u.reports.try_recv() {
+                Ok(Report::Started(pid)) => self.newcomer = Some(pid),
+                Ok(Report::Committed(pid)) => self.successor = Some(pid),
+                Ok(Report::Finished(result)) => outcome = Some(result),
+                Err(mpsc::TryRecvError::Empty) => break,
+                // Gone without its outcome: the thread panicked (its guard
+                // killed the new process; the loops resumed).
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    outcome.get_or_insert(Err("its thread panicked".into()));
+                    break;
+                }
+            }
+        }
+        let Some(result) = outcome else {
+            return;
         };
         let stop = u.stop.load(Ordering::SeqCst);
         self.upgrading = None;
-        match outcome {
-            Ok(Ok(done)) => {
+        self.newcomer = None;
+        match result {
+            Ok(done) => {
                 info!(
                     "upgrade: {} listeners and {} connections handed to pid {}",
                     done.listeners, done.conns, done.pid
                 );
                 info!("upgrade: the loops were frozen for {:?}", done.frozen);
-                self.handed_over = true;
+                self.handed_over = Some(match done.lost {
+                    None => Ok(()),
+                    Some(e) => {
+                        error!("upgrade: {e}: nobody serves the connections now");
+                        Err(())
+                    }
+                });
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 error!("upgrade failed: {e}; still serving");
-                notify(&[NotifyState::Ready]);
-                if stop {
-                    self.stop();
-                }
-            }
-            Err(_) => {
-                error!("upgrade failed: its thread panicked; still serving");
                 notify(&[NotifyState::Ready]);
                 if stop {
                     self.stop();

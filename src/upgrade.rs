@@ -31,12 +31,13 @@
 //! 6. `←` `S` once the new process has told systemd its `MAINPID` and
 //!    written the pid file; then the old process exits.
 //!
-//! Descriptors cross with their flags: each received one is made
+//! Descriptors arrive without close-on-exec (`SCM_RIGHTS` does not carry
+//! it; `O_NONBLOCK` is shared, it belongs to the socket): each is made
 //! close-on-exec at once, so the next upgrade's child inherits only its
-//! socket. Times cross as `CLOCK_MONOTONIC` nanoseconds (what `Instant`
+//! channel. Times cross as `CLOCK_MONOTONIC` nanoseconds (what `Instant`
 //! reads on Linux), so every tick means the same in both processes.
 
-use crate::event_loop::{Frozen, Handed, LoopHandle, Verdict};
+use crate::event_loop::{Frozen, Handed, HandedConn, HandedListener, LoopHandle, Verdict};
 use crate::handover::{self, ConnState, HEADER_LEN, Handover, LoopState};
 use crate::metrics::Snapshot;
 use crate::timer::Clock;
@@ -88,45 +89,91 @@ pub struct Done {
     /// How long the loops were frozen, from the first to freeze until the
     /// commit: the pause every client saw (besides waiting for its turn).
     pub frozen: Duration,
+    /// Set when the new process ended after the commit, before saying it
+    /// serves: then nobody serves, and this process must say so.
+    pub lost: Option<String>,
 }
 
-/// Runs one upgrade to its end, on the caller's thread; `stop` is set if a
-/// SIGTERM/SIGINT arrives meanwhile. On `Err` every loop serves on.
-pub fn hand_over(plan: &Plan, stop: &AtomicBool) -> Result<Done, String> {
+/// The moments of an upgrade the caller hears of as they happen.
+#[derive(Clone, Copy, Debug)]
+pub enum Step {
+    /// The new process (this pid) runs; it serves nothing yet.
+    Started(u32),
+    /// It serves from now on.
+    Committed(u32),
+}
+
+/// Runs one upgrade to its end, on the caller's thread. `stop` is set when
+/// a SIGTERM/SIGINT arrives meanwhile: before the commit it abandons the
+/// upgrade (this process then stops); at the commit the new process is
+/// told to stop. `step` hears of the start and the commit. On `Err` every
+/// loop serves on.
+pub fn hand_over(
+    plan: &Plan,
+    stop: &AtomicBool,
+    step: &mut dyn FnMut(Step),
+) -> Result<Done, String> {
     let deadline = Instant::now() + plan.timeout;
     let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socket pair: {e}"))?;
-    let mut child = spawn(plan, &theirs)?;
+    let mut child = Spawned(Some(spawn(plan, &theirs)?));
     drop(theirs);
     let pid = child.id();
+    step(Step::Started(pid));
     let mut frozen = Vec::new();
-    if let Err(e) = offer_and_send(plan, &ours, deadline, &mut frozen) {
-        return Err(abandon(&mut child, frozen, e, plan));
-    }
+    let sent = match offer_and_send(plan, &ours, deadline, stop, &mut frozen) {
+        Ok(sent) => sent,
+        Err(e) => return Err(abandon(child, frozen, e, plan)),
+    };
     // The point of no return: from `C` on, the new process serves.
     let stopping = stop.load(Ordering::SeqCst);
     if let Err(e) = (&ours).write_all(&[b'C', u8::from(stopping)]) {
-        return Err(abandon(&mut child, frozen, format!("commit: {e}"), plan));
+        return Err(abandon(child, frozen, format!("commit: {e}"), plan));
     }
-    let done = Done {
-        pid,
-        listeners: frozen.iter().map(|f| f.listeners.len()).sum(),
-        conns: frozen.iter().map(|f| f.conns.len()).sum(),
-        frozen: (frozen.iter().map(|f| f.since).min()).map_or(Duration::ZERO, |t| t.elapsed()),
-    };
+    child.release();
+    step(Step::Committed(pid));
+    let frozen_for = (frozen.iter().map(|f| f.since).min()).map_or(Duration::ZERO, |t| t.elapsed());
     for f in &frozen {
         let _ = f.verdict.send(Verdict::HandedOver);
     }
-    let _ = ours.set_read_timeout(Some(SERVING_WAIT));
-    match expect(&ours, b'S') {
-        Ok(()) => {}
-        Err(e) => warn!("upgrade: pid {pid} serves but did not confirm it: {e}"),
+    let never = AtomicBool::new(false);
+    let lost = match read_byte(&ours, b'S', Instant::now() + SERVING_WAIT, &never) {
+        Ok(()) => None,
+        Err(Wait::TimedOut) => {
+            warn!("upgrade: pid {pid} serves but did not confirm it within {SERVING_WAIT:?}");
+            None
+        }
+        Err(e) => Some(format!("pid {pid} ended after it took over ({e})")),
+    };
+    Ok(Done {
+        pid,
+        listeners: sent.0,
+        conns: sent.1,
+        frozen: frozen_for,
+        lost,
+    })
+}
+
+/// The new process until the commit: killed and reaped if the upgrade
+/// ends any other way, panics included.
+struct Spawned(Option<Child>);
+
+impl Spawned {
+    fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, Child::id)
     }
-    if !stopping && stop.load(Ordering::SeqCst) {
-        // The signal came after the commit: pass it on to whoever serves.
-        // SAFETY: kill(2) on the pid of our own child.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    /// It serves: it is no longer ours to kill.
+    fn release(&mut self) {
+        self.0 = None;
     }
-    Ok(done)
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Starts the new binary with `theirs` inherited.
@@ -149,28 +196,28 @@ fn spawn(plan: &Plan, theirs: &UnixStream) -> Result<Child, String> {
 
 /// Steps 1 to 4: offer, freeze, send, wait for `R`. The frozen loops are
 /// collected in `frozen` as they answer, so the caller can unfreeze them.
+/// Returns the listeners and connections sent.
 fn offer_and_send(
     plan: &Plan,
     ours: &UnixStream,
     deadline: Instant,
+    stop: &AtomicBool,
     frozen: &mut Vec<Frozen>,
-) -> Result<(), String> {
+) -> Result<(usize, usize), String> {
     let within = |what: &str| -> Result<Duration, String> {
         deadline
             .checked_duration_since(Instant::now())
             .filter(|d| !d.is_zero())
-            .ok_or_else(|| format!("not ready within {:?} ({what})", plan.timeout))
+            .ok_or_else(|| format!("timed out {what}"))
     };
-    let timeouts = |d: Duration| {
-        let _ = ours.set_read_timeout(Some(d));
-        let _ = ours.set_write_timeout(Some(d));
-    };
-    timeouts(within("offer")?);
+    let _ = ours.set_write_timeout(Some(within("before the offer")?));
     let loops = u32::try_from(plan.loops.len()).expect("at most 1024 loops");
     (&*ours)
         .write_all(&handover::header(loops))
         .map_err(|e| format!("offer: {e}"))?;
-    expect(ours, b'A').map_err(|e| format!("offer not taken: {e}"))?;
+    // The new binary starts up (all it can do without the sockets) before
+    // it takes the offer: the loops freeze only after that.
+    read_byte(ours, b'A', deadline, stop).map_err(|e| format!("offer not taken: {e}"))?;
     for handle in &plan.loops {
         let f = handle
             .freeze()
@@ -178,16 +225,18 @@ fn offer_and_send(
             .map_err(|_| "a loop did not freeze".to_string())?;
         frozen.push(f);
     }
+    let fds: Vec<RawFd> = frozen.iter().flat_map(descriptors).collect();
+    let listeners = frozen.iter().map(|f| f.listeners.len()).sum();
     let h = Handover {
-        loops: frozen.iter().map(describe).collect(),
+        loops: frozen.iter_mut().map(describe).collect(),
     };
     let bytes = handover::encode(&h);
-    timeouts(within("sending")?);
+    drop(h);
+    let _ = ours.set_write_timeout(Some(within("sending")?));
     let mut w = ours;
     w.write_all(&(bytes.len() as u64).to_le_bytes())
         .and_then(|()| w.write_all(&bytes))
         .map_err(|e| format!("sending the hand-over: {e}"))?;
-    let fds: Vec<RawFd> = frozen.iter().flat_map(descriptors).collect();
     for batch in fds.chunks(BATCH) {
         ours.send_with_fd(&[batch.len() as u8], batch)
             .map_err(|e| format!("sending descriptors: {e}"))?;
@@ -197,71 +246,105 @@ fn offer_and_send(
         bytes.len(),
         fds.len()
     );
-    timeouts(within("waiting for ready")?);
-    expect(ours, b'R').map_err(|e| format!("not ready: {e}"))
+    read_byte(ours, b'R', deadline, stop).map_err(|e| format!("not ready: {e}"))?;
+    Ok((listeners, fds.len() - listeners))
 }
 
-/// A failed upgrade before the commit: the new process is killed (it
-/// never served), the loops are told to resume. Returns the reason, with
-/// how the new process ended when it ended on its own.
-fn abandon(child: &mut Child, frozen: Vec<Frozen>, why: String, plan: &Plan) -> String {
-    // A child that closed the channel is usually exiting: give it a moment
-    // to say how it ended.
-    let mut ended = None;
-    for _ in 0..20 {
-        ended = child.try_wait().ok().flatten();
-        if ended.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+/// A failed upgrade before the commit: the loops resume at once (the new
+/// process never touched a socket), then the new process is killed.
+/// Returns the reason, with how the new process ended if it ended itself.
+fn abandon(mut child: Spawned, frozen: Vec<Frozen>, why: String, plan: &Plan) -> String {
     for f in frozen {
         let _ = f.verdict.send(Verdict::Resume);
     }
+    // A child that closed the channel is usually exiting: give it a moment
+    // to say how it ended.
+    let mut ended = None;
+    if let Some(c) = &mut child.0 {
+        for _ in 0..20 {
+            ended = c.try_wait().ok().flatten();
+            if ended.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
     let (pid, program) = (child.id(), plan.program.display());
+    drop(child);
     match ended {
         Some(status) => format!("pid {pid} ({program}) ended before taking over: {status} ({why})"),
-        None => format!(
-            "pid {pid} ({program}) did not take over within {:?} ({why}); killed it",
-            plan.timeout
-        ),
+        None => format!("pid {pid} ({program}) did not take over ({why}); killed it"),
     }
 }
 
-/// Reads one byte and checks it.
-fn expect(stream: &UnixStream, want: u8) -> Result<(), String> {
-    let mut b = [0u8];
-    match (&*stream).read_exact(&mut b) {
-        Ok(()) if b[0] == want => Ok(()),
-        Ok(()) => Err(format!("unexpected byte {:#04x}", b[0])),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            Err("the new process closed the channel".into())
+/// Why a wait for the new process's answer ended without it.
+#[derive(Debug)]
+enum Wait {
+    /// The channel's other end was closed: the new process is gone.
+    Closed,
+    /// Not within the time allowed.
+    TimedOut,
+    /// A SIGINT/SIGTERM came: this process is to stop instead.
+    Stopped,
+    /// Something else.
+    Failed(String),
+}
+
+impl std::fmt::Display for Wait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Wait::Closed => f.write_str("the new process closed the channel"),
+            Wait::TimedOut => f.write_str("timed out"),
+            Wait::Stopped => f.write_str("a stop signal came"),
+            Wait::Failed(e) => f.write_str(e),
         }
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
-        {
-            Err("timed out".into())
-        }
-        Err(e) => Err(e.to_string()),
     }
 }
 
-/// A frozen loop as the hand-over format describes it.
-fn describe(f: &Frozen) -> LoopState {
+/// How often a wait looks at the stop flag.
+const STOP_CHECK: Duration = Duration::from_millis(50);
+
+/// Reads one byte and checks it, until `until`, giving up early if `stop`
+/// is set.
+fn read_byte(stream: &UnixStream, want: u8, until: Instant, stop: &AtomicBool) -> Result<(), Wait> {
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return Err(Wait::Stopped);
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Wait::TimedOut);
+        }
+        let _ = stream.set_read_timeout(Some(left.min(STOP_CHECK)));
+        let mut b = [0u8];
+        match (&*stream).read(&mut b) {
+            Ok(0) => return Err(Wait::Closed),
+            Ok(_) if b[0] == want => return Ok(()),
+            Ok(_) => return Err(Wait::Failed(format!("unexpected byte {:#04x}", b[0]))),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(Wait::Failed(e.to_string())),
+        }
+    }
+}
+
+/// A frozen loop as the hand-over format describes it (its connections'
+/// states are moved out, not copied: they can be large).
+fn describe(f: &mut Frozen) -> LoopState {
     LoopState {
         clock_origin_ns: to_monotonic(f.clock.origin()),
         tick_ns: u64::try_from(f.clock.tick().as_nanos()).unwrap_or(u64::MAX),
         counters: f.counters,
-        listeners: f.listeners.iter().map(|&(_, s)| s).collect(),
-        conns: (f.conns.iter())
-            .map(|(_, kind, saved)| ConnState {
-                kind: *kind,
-                saved: saved.clone(),
+        listeners: f.listeners.iter().map(|l| l.service).collect(),
+        conns: (f.conns.drain(..))
+            .map(|c| ConnState {
+                kind: c.kind,
+                saved: c.saved,
             })
             .collect(),
     }
@@ -269,8 +352,8 @@ fn describe(f: &Frozen) -> LoopState {
 
 /// A frozen loop's descriptors in the order [`describe`] lists them.
 fn descriptors(f: &Frozen) -> impl Iterator<Item = RawFd> + '_ {
-    let listeners = f.listeners.iter().map(|&(fd, _)| fd);
-    listeners.chain(f.conns.iter().map(|&(fd, _, _)| fd))
+    let listeners = f.listeners.iter().map(|l| l.socket);
+    listeners.chain(f.conns.iter().map(|c| c.socket))
 }
 
 // ----- the new process's side ---------------------------------------------
@@ -293,10 +376,11 @@ pub struct Arrived {
 }
 
 impl Incoming {
-    /// The channel named by [`ENV`], with the offer read and accepted;
-    /// `None` when this process was not started by an upgrade. The variable
-    /// is removed, so children of ours do not take it for theirs. An offer
-    /// in another format version is refused: the error names both.
+    /// The channel named by [`ENV`], with the offer read (not answered yet:
+    /// see [`Incoming::take`]); `None` when this process was not started
+    /// by an upgrade. The variable is removed, so children of ours do not
+    /// take it for theirs. An offer in another format version is refused:
+    /// the error names both.
     pub fn from_env() -> Result<Option<Incoming>, String> {
         let Some(value) = std::env::var_os(ENV) else {
             return Ok(None);
@@ -313,9 +397,6 @@ impl Incoming {
             .read_exact(&mut header)
             .map_err(|e| format!("reading the offer: {e}"))?;
         let loops = handover::read_header(&header).map_err(|e| e.to_string())?;
-        (&stream)
-            .write_all(b"A")
-            .map_err(|e| format!("answering the offer: {e}"))?;
         Ok(Some(Incoming {
             stream,
             loops: loops as usize,
@@ -323,8 +404,14 @@ impl Incoming {
         }))
     }
 
-    /// Step 3: the hand-over and its descriptors, sorted per loop.
-    pub fn receive(&mut self) -> Result<Vec<Arrived>, String> {
+    /// Takes the offer once this process has started up as far as it can
+    /// without the sockets (the old process freezes its loops when it
+    /// reads the answer, so the pause does not include our start-up), then
+    /// step 3: the hand-over and its descriptors, sorted per loop.
+    pub fn take(&mut self) -> Result<Vec<Arrived>, String> {
+        (&self.stream)
+            .write_all(b"A")
+            .map_err(|e| format!("answering the offer: {e}"))?;
         let mut len = [0u8; 8];
         (&self.stream)
             .read_exact(&mut len)
@@ -357,11 +444,18 @@ impl Incoming {
             // `descriptors()` counted exactly these.
             for service in l.listeners {
                 let fd = fds.next().expect("a descriptor per listener");
-                handed.listeners.push((fd.into(), service));
+                handed.listeners.push(HandedListener {
+                    socket: fd.into(),
+                    service,
+                });
             }
             for c in l.conns {
                 let fd = fds.next().expect("a descriptor per connection");
-                handed.conns.push((fd.into(), c.kind, c.saved));
+                handed.conns.push(HandedConn {
+                    socket: fd.into(),
+                    kind: c.kind,
+                    saved: c.saved,
+                });
             }
             arrived.push(Arrived {
                 handed,
@@ -401,15 +495,24 @@ impl Incoming {
     }
 
     /// Steps 4 and 5: tells the old process this one is ready, and waits
-    /// for its commit. `Ok(true)`: commit, and shut down at once.
+    /// for its commit. `Ok(true)`: commit, and shut down at once. If the
+    /// old process died meanwhile (we were reparented), its loops were
+    /// frozen and this process holds everything: it serves.
     pub fn ready(&mut self) -> Result<bool, String> {
-        (&self.stream)
-            .write_all(b"R")
-            .map_err(|e| format!("saying ready: {e}"))?;
         let mut commit = [0u8; 2];
-        match (&self.stream).read_exact(&mut commit) {
+        let answer = (&self.stream)
+            .write_all(b"R")
+            .and_then(|()| (&self.stream).read_exact(&mut commit));
+        match answer {
             Ok(()) if commit[0] == b'C' => Ok(commit[1] == 1),
             Ok(()) => Err(format!("unexpected byte {:#04x}", commit[0])),
+            Err(_) if std::os::unix::process::parent_id() != self.from => {
+                warn!(
+                    "upgrade: the old process (pid {}) is gone: serving what it handed over",
+                    self.from
+                );
+                Ok(false)
+            }
             Err(e) => Err(format!("no commit from the old process: {e}")),
         }
     }
