@@ -169,8 +169,9 @@ pub const MAX_METRICS_CONNS: usize = 8;
 /// reserves 32).
 pub const FD_RESERVE: usize = 32;
 /// Descriptors of the process outside any loop: stdin, stdout, stderr, the
-/// signal pipe and the main thread's poll and waker, with room to spare,
-/// plus [`FD_RESERVE`].
+/// signal pipe and the main thread's poll and waker, with room to spare (a
+/// live upgrade's socket pair and the pipe `spawn` uses fit in it), plus
+/// [`FD_RESERVE`].
 pub const FIXED_DESCRIPTORS: usize = FD_RESERVE + 8;
 /// The most event loops `--threads` accepts; more than there are CPUs only
 /// take turns, and machines with more than this many CPUs are rare.

@@ -11,8 +11,9 @@
 //!
 //! SIGUSR2 starts a live upgrade (`upgrade.rs`) on a thread of its own, so
 //! signals are still answered meanwhile: one at a time, a second SIGUSR2 is
-//! ignored; a SIGINT/SIGTERM during one waits for its outcome, then stops
-//! whichever process serves. A process started by an upgrade takes its
+//! ignored; a SIGINT/SIGTERM during one abandons it before the commit (then
+//! stops this process), and after the commit is passed on to the new
+//! process, which serves. A process started by an upgrade takes its
 //! loops from the old one instead of binding (`Start::Upgrade`), prints no
 //! `Echoing on`, and tells systemd `MAINPID=` with `READY=1`.
 //!
