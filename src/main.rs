@@ -126,8 +126,7 @@ fn run(
                 "upgrade: took over {} listeners and {} connections from pid {}",
                 handed.0, handed.1, from.from
             );
-            write_pid_file(&cli);
-            notify(&[NotifyState::MainPid(std::process::id()), NotifyState::Ready]);
+            say_serving(&cli, &[NotifyState::MainPid(std::process::id())]);
             from.serving();
         }
         None => {
@@ -136,36 +135,16 @@ fn run(
             for (what, addrs) in &announced {
                 announce(addrs, what)?;
             }
-            write_pid_file(&cli);
-            notify(&[NotifyState::Ready]);
+            say_serving(&cli, &[]);
         }
     }
-    let mut serving = Serving {
-        plan: upgrade_plan(program, &cli, &loops),
-        loops,
-        stopping: false,
-        signalled: false,
-        upgrading: None,
-        newcomer: None,
-        successor: None,
-        handed_over: None,
-    };
+    let mut serving = Serving::new(upgrade_plan(program, &cli, &loops), loops);
     if stop_at_once {
         info!("the old process was asked to stop during the upgrade: graceful shutdown");
         serving.stop();
     }
-    let code = match serving.wait(&mut poll, &mut signals)? {
-        Some(code) => code,
-        None if serving.handed_over == Some(Err(())) => ExitCode::from(1),
-        None => join(serving.loops.threads),
-    };
-    if serving.handed_over != Some(Ok(()))
-        && let Some(path) = &cli.pid_file
-        && let Err(e) = pid_file::remove(path)
-    {
-        warn!("cannot remove the pid file {}: {e}", path.display());
-    }
-    Ok(code)
+    let code = serving.wait(&mut poll, &mut signals)?;
+    Ok(serving.finish(code, &cli))
 }
 
 /// What one loop starts with.
@@ -202,12 +181,16 @@ fn handed_counts(starts: &[Start]) -> (usize, usize) {
         .fold((0, 0), |(l, c), (dl, dc)| (l + dl, c + dc))
 }
 
-fn write_pid_file(cli: &Cli) {
+/// Serving: the pid file, then systemd's `READY=1` (after `first`).
+fn say_serving(cli: &Cli, first: &[NotifyState]) {
     if let Some(path) = &cli.pid_file
         && let Err(e) = pid_file::write(path)
     {
         error!("cannot write the pid file {}: {e}", path.display());
     }
+    let mut states = first.to_vec();
+    states.push(NotifyState::Ready);
+    notify(&states);
 }
 
 /// The path this binary was started from, which a live upgrade runs
@@ -410,6 +393,36 @@ enum Report {
 }
 
 impl Serving {
+    fn new(plan: Result<Plan, String>, loops: Loops) -> Serving {
+        Serving {
+            plan,
+            loops,
+            stopping: false,
+            signalled: false,
+            upgrading: None,
+            newcomer: None,
+            successor: None,
+            handed_over: None,
+        }
+    }
+
+    /// The exit status once `wait` returned `code`; the pid file is removed
+    /// unless a new process serves and owns it now.
+    fn finish(self, code: Option<ExitCode>, cli: &Cli) -> ExitCode {
+        let code = match code {
+            Some(code) => code,
+            None if self.handed_over == Some(Err(())) => ExitCode::from(1),
+            None => join(self.loops.threads),
+        };
+        if self.handed_over != Some(Ok(()))
+            && let Some(path) = &cli.pid_file
+            && let Err(e) = pid_file::remove(path)
+        {
+            warn!("cannot remove the pid file {}: {e}", path.display());
+        }
+        code
+    }
+
     /// Waits until every loop has finished and no upgrade is in flight.
     /// The first SIGINT/SIGTERM asks all loops to shut down gracefully (and
     /// abandons an upgrade not yet committed), a second one means exit now
