@@ -72,7 +72,11 @@ pub struct Checker {
     format: LineFormat,
     inflight: VecDeque<InFlight>,
     skipped: Vec<InFlight>,
-    recent: VecDeque<u64>,
+    /// The last `RECENT` answered sequence numbers, as a ring written at
+    /// `remembered % RECENT`.
+    recent: [u64; RECENT],
+    /// How many lines were answered (the ring holds the last of them).
+    remembered: u64,
     partial: Vec<u8>,
     /// An oversized line was reported; drop bytes up to the next `\n`.
     discarding: bool,
@@ -90,7 +94,8 @@ impl Checker {
             format,
             inflight: VecDeque::new(),
             skipped: Vec::new(),
-            recent: VecDeque::with_capacity(RECENT),
+            recent: [0; RECENT],
+            remembered: 0,
             partial: Vec::new(),
             discarding: false,
             suspect: None,
@@ -132,6 +137,11 @@ impl Checker {
         let max = self.format.max_reply_len();
         let mut rest = data;
         while !rest.is_empty() {
+            if let Some((len, line)) = self.take_owed(rest) {
+                rest = &rest[len..];
+                on(Verdict::Answered(line));
+                continue;
+            }
             match memchr::memchr(b'\n', rest) {
                 Some(i) => {
                     let (line, tail) = rest.split_at(i + 1);
@@ -165,6 +175,27 @@ impl Checker {
         }
     }
 
+    /// The common case, taken whole: when `data` starts with the reply of
+    /// the oldest outstanding line, at a line boundary with nothing pending
+    /// (no partial line, no suspect), settles that line as `judge` would
+    /// and returns the reply's length and the line. The reply holds one
+    /// `\n`, its last byte, so it is exactly the line that framing at `\n`
+    /// would cut: one comparison instead of a search for `\n` and then a
+    /// comparison.
+    fn take_owed(&mut self, data: &[u8]) -> Option<(usize, InFlight)> {
+        let at_boundary = self.partial.is_empty() && !self.discarding && self.suspect.is_none();
+        if !at_boundary || !self.expected.starts(data) {
+            return None;
+        }
+        let len = self.expected.bytes().len();
+        if self.inflight.front()?.seq != self.expected.seq() {
+            return None;
+        }
+        let line = self.inflight.pop_front()?;
+        self.remember(line.seq);
+        Some((len, line))
+    }
+
     /// Is `got` the reply owed for line `seq`?
     fn is_reply(&self, seq: u64, got: &[u8]) -> bool {
         if seq == self.expected.seq() {
@@ -182,10 +213,13 @@ impl Checker {
         } else if seq != u64::MAX {
             self.expected.set(seq + 1);
         }
-        if self.recent.len() == RECENT {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(seq);
+        self.recent[(self.remembered % RECENT as u64) as usize] = seq;
+        self.remembered += 1;
+    }
+
+    /// The answered sequence numbers the ring holds.
+    fn recent(&self) -> &[u64] {
+        &self.recent[..self.remembered.min(RECENT as u64) as usize]
     }
 
     /// The line whose reply is due: the oldest outstanding, else the oldest
@@ -260,11 +294,8 @@ impl Checker {
                 return on(Verdict::Reordered(cand));
             }
         }
-        for j in 0..self.recent.len() {
-            let seq = self.recent[j];
-            if self.is_reply(seq, got) {
-                return on(Verdict::Duplicated { seq });
-            }
+        if let Some(&seq) = self.recent().iter().find(|&&s| self.is_reply(s, got)) {
+            return on(Verdict::Duplicated { seq });
         }
         if let Some(due) = self.due() {
             let other = self.format.other_proto();
@@ -399,6 +430,61 @@ mod tests {
                 answers_in: Proto::Raw
             }]
         );
+    }
+
+    #[test]
+    fn whole_replies_are_judged_as_byte_by_byte() {
+        // Streams fed whole take the common case (`take_owed`) wherever
+        // it applies; fed a byte at a time they never do, as a reply is
+        // only whole at its last byte. The verdicts must be the same (the
+        // bytes kept of an oversized line may differ: they are cut where
+        // the line was found too long).
+        let mut bad = reply(1);
+        bad[14] ^= 1;
+        let mut raw = Vec::new();
+        FMT.push_line(&mut raw, &Head::new(3), 1);
+        let streams = [
+            [reply(0), reply(1), reply(2), reply(3)].concat(),
+            [reply(1), reply(0), reply(2), reply(3)].concat(),
+            [reply(0), reply(0), reply(1), reply(2), reply(3)].concat(),
+            [reply(0), bad, reply(2), reply(3)].concat(),
+            [reply(0), b"hello\n".to_vec(), reply(1), reply(2)].concat(),
+            [reply(0), vec![b'y'; 200], b"\n".to_vec(), reply(1)].concat(),
+            [reply(0), raw].concat(),
+            [reply(0), reply(2), reply(3), reply(1)].concat(),
+            [reply(0), b"zz".to_vec(), reply(1), reply(2), reply(3)].concat(),
+            [reply(2), reply(0), reply(1), reply(3)].concat(),
+        ];
+        for (stream, chunk) in streams
+            .iter()
+            .flat_map(|s| [5, 7, 31, s.len()].map(|c| (s, c)))
+        {
+            let (whole, c) = run(&[0, 1, 2, 3], stream, chunk);
+            let (bytewise, _) = run(&[0, 1, 2, 3], stream, 1);
+            let judged = |v: &[Verdict]| {
+                let seqs = v.iter().map(|v| match v {
+                    Verdict::Answered(l) | Verdict::Reordered(l) => Some(l.seq),
+                    Verdict::Duplicated { seq } | Verdict::Altered { seq, .. } => Some(*seq),
+                    Verdict::OtherProto { seq, .. } => Some(*seq),
+                    Verdict::Extra { .. } => None,
+                });
+                names(v).into_iter().zip(seqs).collect::<Vec<_>>()
+            };
+            let shown = crate::line::show(stream, 200);
+            assert_eq!(judged(&whole), judged(&bytewise), "{chunk}: {shown}");
+            assert!(c.partial().is_empty());
+        }
+        // A whole reply right after an unfinished line belongs to that
+        // line, also when the line is being dropped as too long.
+        for unfinished in [b"zz".to_vec(), vec![b'y'; 200]] {
+            let mut c = Checker::new(3, FMT);
+            (0..3).for_each(|s| c.sent(s, 0, 0));
+            let mut out = Vec::new();
+            for piece in [[reply(0), unfinished].concat(), reply(1), reply(2)] {
+                c.feed(&piece, |v| out.push(v));
+            }
+            assert_eq!(names(&out), ["ok", "altered", "ok"]);
+        }
     }
 
     #[test]

@@ -63,7 +63,7 @@ impl Conn {
             self.out.clear();
             self.out_pos = 0;
         }
-        self.out.extend_from_slice(self.next.bytes());
+        self.next.append_to(&mut self.out);
         self.checker.sent(self.next.seq(), intended, now);
         self.next.advance();
     }
