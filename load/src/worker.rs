@@ -8,7 +8,7 @@ use crate::check::Verdict;
 use crate::conn::{Conn, ReadEnd};
 use crate::line::{LineFormat, show};
 use crate::net;
-use crate::tally::{ErrorKind, Tally, record, record_ns};
+use crate::tally::{ErrorKind, Tally, record, record_n_ns, record_ns};
 use mio::{Events, Interest, Poll, Token};
 use std::collections::VecDeque;
 use std::io;
@@ -402,7 +402,7 @@ impl Worker {
         let mut end = ReadEnd::Drained;
         if read != Read::No {
             let t0 = self.settings.t0;
-            let ctx = Judge::new(conn.id, now, t0, self.window, self.open_loop);
+            let mut ctx = Judge::new(conn.id, now, t0, self.window, self.open_loop);
             replied_at = ctx.now;
             let tally = &mut self.tally;
             let short_read_drains = read == Read::Data;
@@ -411,6 +411,7 @@ impl Worker {
                     answered += 1;
                 }
             });
+            ctx.finish(&mut self.tally);
             if self.tally.wrong_proto.is_some() {
                 self.progress.halt.store(true, Ordering::Relaxed);
             }
@@ -455,11 +456,12 @@ impl Worker {
         let at = self.since_start(now);
         let id = conn.id;
         if !matches!(how, Close::Abandon) {
-            let ctx = self.judge_ctx(id, now);
+            let mut ctx = self.judge_ctx(id, now);
             let tally = &mut self.tally;
             conn.checker.finish(|v| {
                 ctx.judge(v, tally);
             });
+            ctx.finish(&mut self.tally);
         }
         let seqs = conn.checker.outstanding_seqs();
         let partial = conn.checker.partial();
@@ -528,9 +530,9 @@ fn nanos(t0: Instant, t: Instant) -> u64 {
     u64::try_from(t.saturating_duration_since(t0).as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// What judging the replies of one connection at one moment needs. Times
-/// are nanoseconds since the run's start, as in `InFlight`.
-#[derive(Clone, Copy)]
+/// What judging the replies of one connection at one moment needs, and the
+/// closed-loop replies judged but not yet counted. Times are nanoseconds
+/// since the run's start, as in `InFlight`. Call `finish` when done.
 struct Judge {
     /// The connection.
     id: u32,
@@ -541,6 +543,12 @@ struct Judge {
     to: u64,
     /// Rate mode: count by due time and measure from it (see `Worker`).
     open_loop: bool,
+    /// Closed loop: (latency, count) of the last replies judged, all
+    /// with that latency, not yet counted. The replies of one read share
+    /// `now`, and lines sent together share their send time, so a batch is
+    /// mostly a single run, recorded as one value with a count: the same
+    /// histogram as one record per reply, for a fraction of the work.
+    run: (u64, u64),
 }
 
 impl Judge {
@@ -552,21 +560,41 @@ impl Judge {
             from: nanos(t0, window.from),
             to: nanos(t0, window.to),
             open_loop,
+            run: (0, 0),
         }
+    }
+
+    fn in_window(&self, t: u64) -> bool {
+        self.from <= t && t < self.to
+    }
+
+    /// Counts the closed-loop replies of the run so far into `tally`.
+    fn count_run(&mut self, tally: &mut Tally) {
+        let (wait, n) = std::mem::take(&mut self.run);
+        if n == 0 {
+            return;
+        }
+        tally.longest_wait = tally.longest_wait.max(Duration::from_nanos(wait));
+        if self.in_window(self.now) {
+            tally.window_replies += n;
+            record_n_ns(&mut tally.latency, wait, n);
+        }
+    }
+
+    /// Counts what is still pending into `tally`: the end of judging.
+    fn finish(mut self, tally: &mut Tally) {
+        self.count_run(tally);
     }
 
     /// Counts one reply verdict into `tally`; true when it settled a line (so
     /// a refill may be sent).
-    fn judge(&self, v: Verdict, tally: &mut Tally) -> bool {
-        let Judge {
-            id, now, from, to, ..
-        } = *self;
-        let in_window = |t: u64| from <= t && t < to;
+    fn judge(&mut self, v: Verdict, tally: &mut Tally) -> bool {
+        let (id, now) = (self.id, self.now);
         let at = || Duration::from_nanos(now);
         match v {
             Verdict::Answered(line) if self.open_loop => {
                 tally.replies += 1;
-                if in_window(line.intended) {
+                if self.in_window(line.intended) {
                     tally.window_replies += 1;
                     record_ns(&mut tally.latency, now.saturating_sub(line.intended));
                     record_ns(
@@ -579,11 +607,10 @@ impl Judge {
             Verdict::Answered(line) => {
                 tally.replies += 1;
                 let wait = now.saturating_sub(line.sent);
-                tally.longest_wait = tally.longest_wait.max(Duration::from_nanos(wait));
-                if in_window(now) {
-                    tally.window_replies += 1;
-                    record_ns(&mut tally.latency, wait);
+                if self.run.1 > 0 && self.run.0 != wait {
+                    self.count_run(tally);
                 }
+                self.run = (wait, self.run.1 + 1);
                 true
             }
             Verdict::OtherProto { seq, answers_in } => {
@@ -630,5 +657,49 @@ impl Judge {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::InFlight;
+
+    fn answered(sent: u64) -> Verdict {
+        Verdict::Answered(InFlight {
+            seq: 0,
+            intended: sent,
+            sent,
+        })
+    }
+
+    #[test]
+    fn replies_judged_in_runs_count_one_sample_each() {
+        let t0 = Instant::now();
+        let window = Window {
+            from: t0,
+            to: t0 + Duration::from_secs(1),
+        };
+        let mut tally = Tally::default();
+        let mut judge = Judge::new(1, t0 + Duration::from_millis(10), t0, window, false);
+        let now = judge.now;
+        for wait in [1_000, 1_000, 5_000, 1_000, 1_000] {
+            assert!(judge.judge(answered(now - wait), &mut tally));
+        }
+        judge.finish(&mut tally);
+        assert_eq!((tally.replies, tally.window_replies), (5, 5));
+        assert_eq!(tally.latency.len(), 5);
+        assert_eq!(tally.latency.count_at(1_000), 4);
+        assert_eq!(tally.latency.count_at(5_000), 1);
+        assert_eq!(tally.longest_wait, Duration::from_nanos(5_000));
+
+        // Outside the window: counted as replies and in the longest wait,
+        // not in the window's rate and latency.
+        let mut judge = Judge::new(1, t0 + Duration::from_secs(2), t0, window, false);
+        judge.judge(answered(0), &mut tally);
+        judge.finish(&mut tally);
+        assert_eq!((tally.replies, tally.window_replies), (6, 5));
+        assert_eq!(tally.latency.len(), 5);
+        assert_eq!(tally.longest_wait, Duration::from_secs(2));
     }
 }
