@@ -182,6 +182,7 @@ impl Checker {
     /// `\n`, its last byte, so it is exactly the line that framing at `\n`
     /// would cut: one comparison instead of a search for `\n` and then a
     /// comparison.
+    #[inline]
     fn take_owed(&mut self, data: &[u8]) -> Option<(usize, InFlight)> {
         let at_boundary = self.partial.is_empty() && !self.discarding && self.suspect.is_none();
         if !at_boundary || !self.expected.starts(data) {
@@ -207,6 +208,7 @@ impl Checker {
 
     /// Notes that line `seq` was answered: the reply of `seq + 1` is
     /// likely next.
+    #[inline]
     fn remember(&mut self, seq: u64) {
         if seq == self.expected.seq() {
             self.expected.advance();

@@ -59,6 +59,7 @@ impl Conn {
 
     /// Queues the next line, due at `intended`, at `now` (nanoseconds since
     /// the run's start; not written yet: call `flush`).
+    #[inline]
     pub fn queue_line(&mut self, intended: u64, now: u64) {
         if self.out_pos == self.out.len() {
             self.out.clear();

@@ -84,10 +84,21 @@ pub struct Numbered {
     /// The reply rather than the line.
     reply: bool,
     seq: u64,
-    bytes: Vec<u8>,
-    /// Where the digits of `seq` sit in `bytes`.
+    /// `bytes()` when it is at most `INLINE` bytes long, the rest zeros.
+    inline: [u8; INLINE],
+    /// The length of `bytes()`.
+    len: usize,
+    /// `bytes()` as `set` formats it, which it is when longer than `INLINE`.
+    formatted: Vec<u8>,
+    /// Where the digits of `seq` sit in `bytes()`.
     digits: std::ops::Range<usize>,
 }
+
+/// Lines and replies of up to this many bytes (the default line is 16, its
+/// reply in prefix mode 28) are kept in the `Numbered` itself, in a block
+/// of this fixed size, rather than behind a pointer: appending one is then
+/// a copy of the whole block (see `append_to`).
+const INLINE: usize = 32;
 
 impl Numbered {
     /// Line 0 of connection `head`.
@@ -106,7 +117,9 @@ impl Numbered {
             head,
             reply,
             seq: 0,
-            bytes: Vec::new(),
+            inline: [0; INLINE],
+            len: 0,
+            formatted: Vec::new(),
             digits: 0..0,
         };
         n.set(0);
@@ -119,38 +132,47 @@ impl Numbered {
     }
 
     /// The bytes for `seq()`.
+    #[inline]
     pub fn bytes(&self) -> &[u8] {
-        &self.bytes
+        if self.len <= INLINE {
+            &self.inline[..self.len]
+        } else {
+            &self.formatted
+        }
     }
 
-    /// Appends `bytes()` to `out`.
-    ///
-    /// This runs for every line sent, and a line is short (16 bytes by
-    /// default): a call to `memcpy` for a length known only at run time
-    /// costs more than the copy. From 16 to 32 bytes, the copy is made of
-    /// fixed-size 16-byte moves, which compile to a few instructions: the
-    /// first 16 bytes, twice, then the last 16 over the second copy, then
-    /// the length cut back.
+    #[inline]
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        if self.len <= INLINE {
+            &mut self.inline[..self.len]
+        } else {
+            &mut self.formatted
+        }
+    }
+
+    /// Appends `bytes()` to `out`. This runs for every line sent: a short
+    /// line is appended as the whole fixed-size `inline` block, then cut
+    /// back to its length, which compiles to a few moves where a copy of a
+    /// length known only at run time is a call to `memcpy`, dearer than
+    /// the copy at this size.
+    #[inline]
     pub fn append_to(&self, out: &mut Vec<u8>) {
-        let b = &self.bytes[..];
-        let n = b.len();
-        if !(16..=32).contains(&n) {
-            return out.extend_from_slice(b);
+        if self.len > INLINE {
+            return out.extend_from_slice(&self.formatted);
         }
         let start = out.len();
-        let first: &[u8; 16] = b[..16].try_into().expect("16 bytes");
-        out.extend_from_slice(first);
-        out.extend_from_slice(first);
-        out[start + n - 16..start + n].copy_from_slice(&b[n - 16..]);
-        out.truncate(start + n);
+        out.extend_from_slice(&self.inline);
+        out.truncate(start + self.len);
     }
 
-    /// Does `data` start with `bytes()`? As `data.starts_with(bytes())`,
-    /// from 16 to 32 bytes compared as two fixed-size, overlapping 16-byte
-    /// blocks (the first 16 and the last 16) instead of a call to `memcmp`
-    /// (see `append_to`): this runs for every reply received.
+    /// Does `data` start with `bytes()`? The same answer as
+    /// `data.starts_with(bytes())`; this runs for every reply received,
+    /// and from 16 to 32 bytes the comparison is made of two fixed-size,
+    /// overlapping 16-byte blocks (the first 16 and the last 16) instead
+    /// of a call to `memcmp` (see `append_to`).
+    #[inline]
     pub fn starts(&self, data: &[u8]) -> bool {
-        let b = &self.bytes[..];
+        let b = self.bytes();
         let n = b.len();
         if !(16..=32).contains(&n) || data.len() < n {
             return data.starts_with(b);
@@ -163,18 +185,23 @@ impl Numbered {
     /// Moves to sequence number `seq`, formatting it.
     pub fn set(&mut self, seq: u64) {
         self.seq = seq;
-        self.bytes.clear();
+        self.formatted.clear();
         let start = if self.reply && self.format.proto == Proto::Prefix {
             PREFIX.len()
         } else {
             0
         } + self.head.len as usize;
         if self.reply {
-            self.format.push_reply(&mut self.bytes, &self.head, seq);
+            self.format.push_reply(&mut self.formatted, &self.head, seq);
         } else {
-            self.format.push_line(&mut self.bytes, &self.head, seq);
+            self.format.push_line(&mut self.formatted, &self.head, seq);
         }
-        let len = self.bytes[start..]
+        self.len = self.formatted.len();
+        self.inline = [0; INLINE];
+        if let Some(short) = self.inline.get_mut(..self.len) {
+            short.copy_from_slice(&self.formatted);
+        }
+        let len = self.formatted[start..]
             .iter()
             .take_while(|b| b.is_ascii_digit())
             .count();
@@ -182,8 +209,10 @@ impl Numbered {
     }
 
     /// Moves to the next sequence number.
+    #[inline]
     pub fn advance(&mut self) {
-        for d in self.bytes[self.digits.clone()].iter_mut().rev() {
+        let digits = self.digits.clone();
+        for d in self.bytes_mut()[digits].iter_mut().rev() {
             if *d == b'9' {
                 *d = b'0';
             } else {
@@ -439,24 +468,35 @@ mod tests {
 
     #[test]
     fn append_and_starts_agree_with_slices_at_every_length() {
-        // Lengths 4..=45 cover both sides of the 16..=32 block paths.
-        for line_len in 4..=45 {
-            let f = fmt(line_len, false, Proto::Raw);
-            let mut n = Numbered::line(f, Head::new(1));
-            n.set(7);
-            let want = n.bytes().to_vec();
-            let mut out = vec![b'#'; 3];
-            n.append_to(&mut out);
-            assert_eq!(out, [&b"###"[..], &want].concat(), "line_len {line_len}");
-            let mut data = want.clone();
-            assert!(n.starts(&data));
-            data.extend_from_slice(b"more");
-            assert!(n.starts(&data));
-            assert!(!n.starts(&data[..want.len() - 1]));
-            for i in 0..want.len() {
-                let mut bad = data.clone();
-                bad[i] ^= 1;
-                assert!(!n.starts(&bad), "line_len {line_len} byte {i}");
+        // Lengths 4..=45 cover both storages (inline up to 32 bytes) and
+        // both comparisons (blocks from 16 to 32 bytes); stepping over 9s
+        // changes the lengths as it goes.
+        for (line_len, proto) in (4..=45).flat_map(|l| [(l, Proto::Raw), (l, Proto::Prefix)]) {
+            let f = fmt(line_len, false, proto);
+            let (mut line, mut reply) = (
+                Numbered::line(f, Head::new(1)),
+                Numbered::reply(f, Head::new(1)),
+            );
+            for seq in 0..120 {
+                for n in [&line, &reply] {
+                    let want = n.bytes().to_vec();
+                    let what = format!("{proto:?} line_len {line_len} s{seq}");
+                    let mut out = vec![b'#'; 3];
+                    n.append_to(&mut out);
+                    assert_eq!(out, [&b"###"[..], &want].concat(), "{what}");
+                    for more in [&b""[..], b"more", &[b'#'; 40]] {
+                        let data = [&want, more].concat();
+                        assert!(n.starts(&data), "{what}");
+                        assert!(!n.starts(&data[..want.len() - 1]), "{what}");
+                        for i in 0..want.len() {
+                            let mut bad = data.clone();
+                            bad[i] ^= 1;
+                            assert!(!n.starts(&bad), "{what} byte {i}");
+                        }
+                    }
+                }
+                line.advance();
+                reply.advance();
             }
         }
     }
