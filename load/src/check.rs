@@ -134,45 +134,49 @@ impl Checker {
 
     /// Feeds received bytes; calls `on` once per complete reply line.
     pub fn feed(&mut self, data: &[u8], mut on: impl FnMut(Verdict)) {
-        let max = self.format.max_reply_len();
         let mut rest = data;
         while !rest.is_empty() {
-            if let Some((len, line)) = self.take_owed(rest) {
-                rest = &rest[len..];
-                on(Verdict::Answered(line));
-                continue;
-            }
-            match memchr::memchr(b'\n', rest) {
-                Some(i) => {
-                    let (line, tail) = rest.split_at(i + 1);
-                    rest = tail;
-                    if self.discarding {
-                        self.discarding = false;
-                    } else if self.partial.is_empty() {
-                        self.judge(line, &mut on);
-                    } else {
-                        let mut whole = std::mem::take(&mut self.partial);
-                        whole.extend_from_slice(line);
-                        self.judge(&whole, &mut on);
-                        whole.clear();
-                        self.partial = whole;
-                    }
+            rest = match self.take_owed(rest) {
+                Some((len, line)) => {
+                    on(Verdict::Answered(line));
+                    &rest[len..]
                 }
-                None => {
-                    if !self.discarding {
-                        self.partial.extend_from_slice(rest);
-                        if self.partial.len() > max {
-                            // Too long to be any reply: judge what we have and
-                            // skip the rest of this line.
-                            let got = std::mem::take(&mut self.partial);
-                            self.judge(&got, &mut on);
-                            self.discarding = true;
-                        }
-                    }
-                    rest = &[];
-                }
-            }
+                None => self.frame(rest, &mut on),
+            };
         }
+    }
+
+    /// Frames the line `data` starts with at `\n` and judges it, or keeps
+    /// an unfinished one in `partial` (cut and judged once too long to be a
+    /// reply); returns what follows. Apart from `feed`'s common case, and
+    /// taking `on` as a trait object, so that `feed`'s loop stays small.
+    fn frame<'d>(&mut self, data: &'d [u8], on: &mut dyn FnMut(Verdict)) -> &'d [u8] {
+        let Some(i) = memchr::memchr(b'\n', data) else {
+            if !self.discarding {
+                self.partial.extend_from_slice(data);
+                if self.partial.len() > self.format.max_reply_len() {
+                    // Too long to be any reply: judge what we have and
+                    // skip the rest of this line.
+                    let got = std::mem::take(&mut self.partial);
+                    self.judge(&got, on);
+                    self.discarding = true;
+                }
+            }
+            return &[];
+        };
+        let (line, tail) = data.split_at(i + 1);
+        if self.discarding {
+            self.discarding = false;
+        } else if self.partial.is_empty() {
+            self.judge(line, on);
+        } else {
+            let mut whole = std::mem::take(&mut self.partial);
+            whole.extend_from_slice(line);
+            self.judge(&whole, on);
+            whole.clear();
+            self.partial = whole;
+        }
+        tail
     }
 
     /// The common case, taken whole: when `data` starts with the reply of
@@ -235,7 +239,7 @@ impl Checker {
 
     /// Settles a suspect line: `altered` in place of the due line, or
     /// `extra` when no line is due.
-    fn settle_altered(&mut self, got: Vec<u8>, on: &mut impl FnMut(Verdict)) {
+    fn settle_altered(&mut self, got: Vec<u8>, on: &mut dyn FnMut(Verdict)) {
         let Some(due) = self.due() else {
             on(Verdict::Extra { got });
             return;
@@ -264,7 +268,7 @@ impl Checker {
     }
 
     /// Judges one received line (normally ending in `\n`).
-    fn judge(&mut self, got: &[u8], on: &mut impl FnMut(Verdict)) {
+    fn judge(&mut self, got: &[u8], on: &mut dyn FnMut(Verdict)) {
         if let Some(suspect) = self.suspect.take() {
             match self.due() {
                 Some(due) if self.is_reply(due.seq, got) => on(Verdict::Extra { got: suspect }),

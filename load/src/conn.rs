@@ -57,17 +57,18 @@ impl Conn {
         }
     }
 
-    /// Queues the next line, due at `intended`, at `now` (nanoseconds since
-    /// the run's start; not written yet: call `flush`).
-    #[inline]
-    pub fn queue_line(&mut self, intended: u64, now: u64) {
+    /// Queues the next `n` lines, due at `intended`, at `now` (nanoseconds
+    /// since the run's start; not written yet: call `flush`).
+    pub fn queue_lines(&mut self, n: usize, intended: u64, now: u64) {
         if self.out_pos == self.out.len() {
             self.out.clear();
             self.out_pos = 0;
         }
-        self.next.append_to(&mut self.out);
-        self.checker.sent(self.next.seq(), intended, now);
-        self.next.advance();
+        for _ in 0..n {
+            self.next.append_to(&mut self.out);
+            self.checker.sent(self.next.seq(), intended, now);
+            self.next.advance();
+        }
     }
 
     /// Lines sent so far.

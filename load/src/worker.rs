@@ -352,7 +352,7 @@ impl Worker {
                     self.progress.connected.fetch_add(1, Ordering::Relaxed);
                     if self.greet {
                         let at = nanos(self.settings.t0, now);
-                        conn.queue_line(at, at);
+                        conn.queue_lines(1, at, at);
                     }
                 }
             }
@@ -366,9 +366,7 @@ impl Worker {
             return;
         };
         let at = nanos(self.settings.t0, now);
-        for _ in 0..n {
-            conn.queue_line(at, at);
-        }
+        conn.queue_lines(n, at, at);
         self.service(slot, Read::No, true, now);
     }
 
@@ -381,7 +379,7 @@ impl Worker {
         };
         let now = Instant::now();
         let t0 = self.settings.t0;
-        conn.queue_line(nanos(t0, due), nanos(t0, now));
+        conn.queue_lines(1, nanos(t0, due), nanos(t0, now));
         if self.window.contains(due) {
             self.tally.window_sent += 1;
             record(&mut self.tally.lateness, now.saturating_duration_since(due));
@@ -417,9 +415,7 @@ impl Worker {
             }
         }
         if self.refill {
-            for _ in 0..answered {
-                conn.queue_line(replied_at, replied_at);
-            }
+            conn.queue_lines(answered, replied_at, replied_at);
         }
         let written = if writable || conn.has_output() {
             conn.flush()
