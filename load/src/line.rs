@@ -166,20 +166,19 @@ impl Numbered {
     }
 
     /// Does `data` start with `bytes()`? The same answer as
-    /// `data.starts_with(bytes())`; this runs for every reply received,
-    /// and from 16 to 32 bytes the comparison is made of two fixed-size,
-    /// overlapping 16-byte blocks (the first 16 and the last 16) instead
-    /// of a call to `memcmp` (see `append_to`).
+    /// `data.starts_with(bytes())`. This runs for every reply received: a
+    /// short reply is compared as the two 16-byte lanes of `inline`, the
+    /// second masked to the reply's length, rather than through a call to
+    /// `memcmp` (and whole lanes, for the reason given in `advance`).
     #[inline]
     pub fn starts(&self, data: &[u8]) -> bool {
-        let b = self.bytes();
-        let n = b.len();
-        if !(16..=32).contains(&n) || data.len() < n {
-            return data.starts_with(b);
+        let n = self.len;
+        if !(16..=INLINE).contains(&n) || data.len() < INLINE {
+            return data.starts_with(self.bytes());
         }
-        let block =
-            |s: &[u8], at: usize| -> [u8; 16] { s[at..at + 16].try_into().expect("16 bytes") };
-        block(data, 0) == block(b, 0) && block(data, n - 16) == block(b, n - 16)
+        let tail = u128::MAX.checked_shr(8 * (INLINE - n) as u32).unwrap_or(0);
+        lane(data, 0) == lane(&self.inline, 0)
+            && (lane(data, 16) ^ lane(&self.inline, 16)) & tail == 0
     }
 
     /// Moves to sequence number `seq`, formatting it.
@@ -211,6 +210,26 @@ impl Numbered {
     /// Moves to the next sequence number.
     #[inline]
     pub fn advance(&mut self) {
+        let last = self.digits.end - 1;
+        if self.len <= INLINE && self.inline[last] != b'9' {
+            // The usual step, a last digit below 9, made as one add to the
+            // whole 16-byte lane that holds it (a vector add of a one at
+            // the digit's place). The lane's next readers, `append_to` and
+            // `starts`, load it whole, and the CPU hands a load the bytes
+            // of a store still on their way to the cache only when that one
+            // store covers the whole load: after a one-byte store into the
+            // lane, the load would wait for it.
+            let at = last / 16 * 16;
+            let unit = &UNIT[last - at];
+            let lane: &mut [u8; 16] = (&mut self.inline[at..at + 16])
+                .try_into()
+                .expect("16 bytes");
+            for i in 0..16 {
+                lane[i] = lane[i].wrapping_add(unit[i]);
+            }
+            self.seq += 1;
+            return;
+        }
         let digits = self.digits.clone();
         for d in self.bytes_mut()[digits].iter_mut().rev() {
             if *d == b'9' {
@@ -224,6 +243,23 @@ impl Numbered {
         // All nines: one digit more, and less padding.
         self.set(self.seq + 1);
     }
+}
+
+/// `UNIT[i]` is 1 at byte `i` and 0 elsewhere: the step of a digit at byte
+/// `i` of a 16-byte lane, for `Numbered::advance`.
+static UNIT: [[u8; 16]; 16] = {
+    let mut unit = [[0; 16]; 16];
+    let mut i = 0;
+    while i < 16 {
+        unit[i][i] = 1;
+        i += 1;
+    }
+    unit
+};
+
+/// The 16 bytes of `bytes` from `at`, as one number (little-endian).
+fn lane(bytes: &[u8], at: usize) -> u128 {
+    u128::from_le_bytes(bytes[at..at + 16].try_into().expect("16 bytes"))
 }
 
 impl LineFormat {
