@@ -148,8 +148,8 @@ impl Checker {
 
     /// Frames the line `data` starts with at `\n` and judges it, or keeps
     /// an unfinished one in `partial` (cut and judged once too long to be a
-    /// reply); returns what follows. Apart from `feed`'s common case, and
-    /// taking `on` as a trait object, so that `feed`'s loop stays small.
+    /// reply); returns what follows. Kept out of `feed`'s loop, with `on`
+    /// as a trait object, so that the loop of the common case stays small.
     fn frame<'d>(&mut self, data: &'d [u8], on: &mut dyn FnMut(Verdict)) -> &'d [u8] {
         let Some(i) = memchr::memchr(b'\n', data) else {
             if !self.discarding {
