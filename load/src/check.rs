@@ -72,7 +72,11 @@ pub struct Checker {
     format: LineFormat,
     inflight: VecDeque<InFlight>,
     skipped: Vec<InFlight>,
-    recent: VecDeque<u64>,
+    /// The last `RECENT` answered sequence numbers, as a ring written at
+    /// `remembered % RECENT`.
+    recent: [u64; RECENT],
+    /// How many lines were answered (the ring holds the last of them).
+    remembered: u64,
     partial: Vec<u8>,
     /// An oversized line was reported; drop bytes up to the next `\n`.
     discarding: bool,
@@ -90,7 +94,8 @@ impl Checker {
             format,
             inflight: VecDeque::new(),
             skipped: Vec::new(),
-            recent: VecDeque::with_capacity(RECENT),
+            recent: [0; RECENT],
+            remembered: 0,
             partial: Vec::new(),
             discarding: false,
             suspect: None,
@@ -129,40 +134,71 @@ impl Checker {
 
     /// Feeds received bytes; calls `on` once per complete reply line.
     pub fn feed(&mut self, data: &[u8], mut on: impl FnMut(Verdict)) {
-        let max = self.format.max_reply_len();
         let mut rest = data;
         while !rest.is_empty() {
-            match memchr::memchr(b'\n', rest) {
-                Some(i) => {
-                    let (line, tail) = rest.split_at(i + 1);
-                    rest = tail;
-                    if self.discarding {
-                        self.discarding = false;
-                    } else if self.partial.is_empty() {
-                        self.judge(line, &mut on);
-                    } else {
-                        let mut whole = std::mem::take(&mut self.partial);
-                        whole.extend_from_slice(line);
-                        self.judge(&whole, &mut on);
-                        whole.clear();
-                        self.partial = whole;
-                    }
+            rest = match self.take_owed(rest) {
+                Some((len, line)) => {
+                    on(Verdict::Answered(line));
+                    &rest[len..]
                 }
-                None => {
-                    if !self.discarding {
-                        self.partial.extend_from_slice(rest);
-                        if self.partial.len() > max {
-                            // Too long to be any reply: judge what we have and
-                            // skip the rest of this line.
-                            let got = std::mem::take(&mut self.partial);
-                            self.judge(&got, &mut on);
-                            self.discarding = true;
-                        }
-                    }
-                    rest = &[];
+                None => self.frame(rest, &mut on),
+            };
+        }
+    }
+
+    /// Frames the line `data` starts with at `\n` and judges it, or keeps
+    /// an unfinished one in `partial` (cut and judged once too long to be a
+    /// reply); returns what follows. Kept out of `feed`'s loop, with `on`
+    /// as a trait object, so that the loop of the common case stays small.
+    fn frame<'d>(&mut self, data: &'d [u8], on: &mut dyn FnMut(Verdict)) -> &'d [u8] {
+        let Some(i) = memchr::memchr(b'\n', data) else {
+            if !self.discarding {
+                self.partial.extend_from_slice(data);
+                if self.partial.len() > self.format.max_reply_len() {
+                    // Too long to be any reply: judge what we have and
+                    // skip the rest of this line.
+                    let got = std::mem::take(&mut self.partial);
+                    self.judge(&got, on);
+                    self.discarding = true;
                 }
             }
+            return &[];
+        };
+        let (line, tail) = data.split_at(i + 1);
+        if self.discarding {
+            self.discarding = false;
+        } else if self.partial.is_empty() {
+            self.judge(line, on);
+        } else {
+            let mut whole = std::mem::take(&mut self.partial);
+            whole.extend_from_slice(line);
+            self.judge(&whole, on);
+            whole.clear();
+            self.partial = whole;
         }
+        tail
+    }
+
+    /// The common case, taken whole: when `data` starts with the reply of
+    /// the oldest outstanding line, at a line boundary with nothing pending
+    /// (no partial line, no suspect), settles that line as `judge` would
+    /// and returns the reply's length and the line. The reply holds one
+    /// `\n`, its last byte, so it is exactly the line that framing at `\n`
+    /// would cut: one comparison instead of a search for `\n` and then a
+    /// comparison.
+    #[inline]
+    fn take_owed(&mut self, data: &[u8]) -> Option<(usize, InFlight)> {
+        let at_boundary = self.partial.is_empty() && !self.discarding && self.suspect.is_none();
+        if !at_boundary || !self.expected.starts(data) {
+            return None;
+        }
+        let len = self.expected.bytes().len();
+        if self.inflight.front()?.seq != self.expected.seq() {
+            return None;
+        }
+        let line = self.inflight.pop_front()?;
+        self.remember(line.seq);
+        Some((len, line))
     }
 
     /// Is `got` the reply owed for line `seq`?
@@ -176,16 +212,20 @@ impl Checker {
 
     /// Notes that line `seq` was answered: the reply of `seq + 1` is
     /// likely next.
+    #[inline]
     fn remember(&mut self, seq: u64) {
         if seq == self.expected.seq() {
             self.expected.advance();
         } else if seq != u64::MAX {
             self.expected.set(seq + 1);
         }
-        if self.recent.len() == RECENT {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(seq);
+        self.recent[(self.remembered % RECENT as u64) as usize] = seq;
+        self.remembered += 1;
+    }
+
+    /// The answered sequence numbers the ring holds.
+    fn recent(&self) -> &[u64] {
+        &self.recent[..self.remembered.min(RECENT as u64) as usize]
     }
 
     /// The line whose reply is due: the oldest outstanding, else the oldest
@@ -199,7 +239,7 @@ impl Checker {
 
     /// Settles a suspect line: `altered` in place of the due line, or
     /// `extra` when no line is due.
-    fn settle_altered(&mut self, got: Vec<u8>, on: &mut impl FnMut(Verdict)) {
+    fn settle_altered(&mut self, got: Vec<u8>, on: &mut dyn FnMut(Verdict)) {
         let Some(due) = self.due() else {
             on(Verdict::Extra { got });
             return;
@@ -228,7 +268,7 @@ impl Checker {
     }
 
     /// Judges one received line (normally ending in `\n`).
-    fn judge(&mut self, got: &[u8], on: &mut impl FnMut(Verdict)) {
+    fn judge(&mut self, got: &[u8], on: &mut dyn FnMut(Verdict)) {
         if let Some(suspect) = self.suspect.take() {
             match self.due() {
                 Some(due) if self.is_reply(due.seq, got) => on(Verdict::Extra { got: suspect }),
@@ -260,11 +300,8 @@ impl Checker {
                 return on(Verdict::Reordered(cand));
             }
         }
-        for j in 0..self.recent.len() {
-            let seq = self.recent[j];
-            if self.is_reply(seq, got) {
-                return on(Verdict::Duplicated { seq });
-            }
+        if let Some(&seq) = self.recent().iter().find(|&&s| self.is_reply(s, got)) {
+            return on(Verdict::Duplicated { seq });
         }
         if let Some(due) = self.due() {
             let other = self.format.other_proto();
@@ -399,6 +436,61 @@ mod tests {
                 answers_in: Proto::Raw
             }]
         );
+    }
+
+    #[test]
+    fn whole_replies_are_judged_as_byte_by_byte() {
+        // Streams fed whole take the common case (`take_owed`) wherever
+        // it applies; fed a byte at a time they never do, as a reply is
+        // only whole at its last byte. The verdicts must be the same (the
+        // bytes kept of an oversized line may differ: they are cut where
+        // the line was found too long).
+        let mut bad = reply(1);
+        bad[14] ^= 1;
+        let mut raw = Vec::new();
+        FMT.push_line(&mut raw, &Head::new(3), 1);
+        let streams = [
+            [reply(0), reply(1), reply(2), reply(3)].concat(),
+            [reply(1), reply(0), reply(2), reply(3)].concat(),
+            [reply(0), reply(0), reply(1), reply(2), reply(3)].concat(),
+            [reply(0), bad, reply(2), reply(3)].concat(),
+            [reply(0), b"hello\n".to_vec(), reply(1), reply(2)].concat(),
+            [reply(0), vec![b'y'; 200], b"\n".to_vec(), reply(1)].concat(),
+            [reply(0), raw].concat(),
+            [reply(0), reply(2), reply(3), reply(1)].concat(),
+            [reply(0), b"zz".to_vec(), reply(1), reply(2), reply(3)].concat(),
+            [reply(2), reply(0), reply(1), reply(3)].concat(),
+        ];
+        for (stream, chunk) in streams
+            .iter()
+            .flat_map(|s| [5, 7, 31, s.len()].map(|c| (s, c)))
+        {
+            let (whole, c) = run(&[0, 1, 2, 3], stream, chunk);
+            let (bytewise, _) = run(&[0, 1, 2, 3], stream, 1);
+            let judged = |v: &[Verdict]| {
+                let seqs = v.iter().map(|v| match v {
+                    Verdict::Answered(l) | Verdict::Reordered(l) => Some(l.seq),
+                    Verdict::Duplicated { seq } | Verdict::Altered { seq, .. } => Some(*seq),
+                    Verdict::OtherProto { seq, .. } => Some(*seq),
+                    Verdict::Extra { .. } => None,
+                });
+                names(v).into_iter().zip(seqs).collect::<Vec<_>>()
+            };
+            let shown = crate::line::show(stream, 200);
+            assert_eq!(judged(&whole), judged(&bytewise), "{chunk}: {shown}");
+            assert!(c.partial().is_empty());
+        }
+        // A whole reply right after an unfinished line belongs to that
+        // line, also when the line is being dropped as too long.
+        for unfinished in [b"zz".to_vec(), vec![b'y'; 200]] {
+            let mut c = Checker::new(3, FMT);
+            (0..3).for_each(|s| c.sent(s, 0, 0));
+            let mut out = Vec::new();
+            for piece in [[reply(0), unfinished].concat(), reply(1), reply(2)] {
+                c.feed(&piece, |v| out.push(v));
+            }
+            assert_eq!(names(&out), ["ok", "altered", "ok"]);
+        }
     }
 
     #[test]

@@ -84,10 +84,21 @@ pub struct Numbered {
     /// The reply rather than the line.
     reply: bool,
     seq: u64,
-    bytes: Vec<u8>,
-    /// Where the digits of `seq` sit in `bytes`.
+    /// `bytes()` when it is at most `INLINE` bytes long, the rest zeros.
+    inline: [u8; INLINE],
+    /// The length of `bytes()`.
+    len: usize,
+    /// `bytes()` as `set` formats it, which it is when longer than `INLINE`.
+    formatted: Vec<u8>,
+    /// Where the digits of `seq` sit in `bytes()`.
     digits: std::ops::Range<usize>,
 }
+
+/// Lines and replies of up to this many bytes (the default line is 16, its
+/// reply in prefix mode 28) are kept in the `Numbered` itself, in a block
+/// of this fixed size, rather than behind a pointer: appending one is then
+/// a copy of the whole block (see `append_to`).
+const INLINE: usize = 32;
 
 impl Numbered {
     /// Line 0 of connection `head`.
@@ -106,7 +117,9 @@ impl Numbered {
             head,
             reply,
             seq: 0,
-            bytes: Vec::new(),
+            inline: [0; INLINE],
+            len: 0,
+            formatted: Vec::new(),
             digits: 0..0,
         };
         n.set(0);
@@ -119,25 +132,75 @@ impl Numbered {
     }
 
     /// The bytes for `seq()`.
+    #[inline]
     pub fn bytes(&self) -> &[u8] {
-        &self.bytes
+        if self.len <= INLINE {
+            &self.inline[..self.len]
+        } else {
+            &self.formatted
+        }
+    }
+
+    #[inline]
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        if self.len <= INLINE {
+            &mut self.inline[..self.len]
+        } else {
+            &mut self.formatted
+        }
+    }
+
+    /// Appends `bytes()` to `out`. This runs for every line sent: a short
+    /// line is appended as the whole fixed-size `inline` block, then cut
+    /// back to its length, which compiles to a few moves where a copy of a
+    /// length known only at run time is a call to `memcpy`, dearer than
+    /// the copy at this size.
+    #[inline]
+    pub fn append_to(&self, out: &mut Vec<u8>) {
+        if self.len > INLINE {
+            return out.extend_from_slice(&self.formatted);
+        }
+        let start = out.len();
+        out.extend_from_slice(&self.inline);
+        out.truncate(start + self.len);
+    }
+
+    /// Does `data` start with `bytes()`? The same answer as
+    /// `data.starts_with(bytes())`. This runs for every reply received: a
+    /// short reply is compared as the two 16-byte lanes of `inline`, the
+    /// second masked to the reply's length, rather than through a call to
+    /// `memcmp` (and whole lanes, for the reason given in `advance`).
+    #[inline]
+    pub fn starts(&self, data: &[u8]) -> bool {
+        let n = self.len;
+        if !(16..=INLINE).contains(&n) || data.len() < INLINE {
+            return data.starts_with(self.bytes());
+        }
+        let tail = u128::MAX.checked_shr(8 * (INLINE - n) as u32).unwrap_or(0);
+        lane(data, 0) == lane(&self.inline, 0)
+            && (lane(data, 16) ^ lane(&self.inline, 16)) & tail == 0
     }
 
     /// Moves to sequence number `seq`, formatting it.
     pub fn set(&mut self, seq: u64) {
         self.seq = seq;
-        self.bytes.clear();
+        self.formatted.clear();
         let start = if self.reply && self.format.proto == Proto::Prefix {
             PREFIX.len()
         } else {
             0
         } + self.head.len as usize;
         if self.reply {
-            self.format.push_reply(&mut self.bytes, &self.head, seq);
+            self.format.push_reply(&mut self.formatted, &self.head, seq);
         } else {
-            self.format.push_line(&mut self.bytes, &self.head, seq);
+            self.format.push_line(&mut self.formatted, &self.head, seq);
         }
-        let len = self.bytes[start..]
+        self.len = self.formatted.len();
+        self.inline = [0; INLINE];
+        if let Some(short) = self.inline.get_mut(..self.len) {
+            short.copy_from_slice(&self.formatted);
+        }
+        let len = self.formatted[start..]
             .iter()
             .take_while(|b| b.is_ascii_digit())
             .count();
@@ -145,8 +208,30 @@ impl Numbered {
     }
 
     /// Moves to the next sequence number.
+    #[inline]
     pub fn advance(&mut self) {
-        for d in self.bytes[self.digits.clone()].iter_mut().rev() {
+        let last = self.digits.end - 1;
+        if self.len <= INLINE && self.inline[last] != b'9' {
+            // The usual step, a last digit below 9, made as one add to the
+            // whole 16-byte lane that holds it (a vector add of a one at
+            // the digit's place). The lane's next readers, `append_to` and
+            // `starts`, load it whole, and the CPU hands a load the bytes
+            // of a store still on their way to the cache only when that one
+            // store covers the whole load: after a one-byte store into the
+            // lane, the load would wait for it.
+            let at = last / 16 * 16;
+            let unit = &UNIT[last - at];
+            let lane: &mut [u8; 16] = (&mut self.inline[at..at + 16])
+                .try_into()
+                .expect("16 bytes");
+            for i in 0..16 {
+                lane[i] = lane[i].wrapping_add(unit[i]);
+            }
+            self.seq += 1;
+            return;
+        }
+        let digits = self.digits.clone();
+        for d in self.bytes_mut()[digits].iter_mut().rev() {
             if *d == b'9' {
                 *d = b'0';
             } else {
@@ -158,6 +243,23 @@ impl Numbered {
         // All nines: one digit more, and less padding.
         self.set(self.seq + 1);
     }
+}
+
+/// `UNIT[i]` is 1 at byte `i` and 0 elsewhere: the step of a digit at byte
+/// `i` of a 16-byte lane, for `Numbered::advance`.
+static UNIT: [[u8; 16]; 16] = {
+    let mut unit = [[0; 16]; 16];
+    let mut i = 0;
+    while i < 16 {
+        unit[i][i] = 1;
+        i += 1;
+    }
+    unit
+};
+
+/// The 16 bytes of `bytes` from `at`, as one number (little-endian).
+fn lane(bytes: &[u8], at: usize) -> u128 {
+    u128::from_le_bytes(bytes[at..at + 16].try_into().expect("16 bytes"))
 }
 
 impl LineFormat {
@@ -389,11 +491,49 @@ mod tests {
                 f.push_reply(&mut want_reply, &head, seq);
                 assert_eq!((line.seq(), line.bytes()), (seq, &want_line[..]));
                 assert_eq!((reply.seq(), reply.bytes()), (seq, &want_reply[..]));
+                let mut out = b"before ".to_vec();
+                line.append_to(&mut out);
+                assert_eq!(out, [&b"before "[..], &want_line].concat());
                 line.advance();
                 reply.advance();
             }
             reply.set(u64::MAX);
             assert!(f.is_reply(reply.bytes(), &head, u64::MAX));
+        }
+    }
+
+    #[test]
+    fn append_and_starts_agree_with_slices_at_every_length() {
+        // Lengths 4..=45 cover both storages (inline up to 32 bytes) and
+        // both comparisons (blocks from 16 to 32 bytes); stepping over 9s
+        // changes the lengths as it goes.
+        for (line_len, proto) in (4..=45).flat_map(|l| [(l, Proto::Raw), (l, Proto::Prefix)]) {
+            let f = fmt(line_len, false, proto);
+            let (mut line, mut reply) = (
+                Numbered::line(f, Head::new(1)),
+                Numbered::reply(f, Head::new(1)),
+            );
+            for seq in 0..120 {
+                for n in [&line, &reply] {
+                    let want = n.bytes().to_vec();
+                    let what = format!("{proto:?} line_len {line_len} s{seq}");
+                    let mut out = vec![b'#'; 3];
+                    n.append_to(&mut out);
+                    assert_eq!(out, [&b"###"[..], &want].concat(), "{what}");
+                    for more in [&b""[..], b"more", &[b'#'; 40]] {
+                        let data = [&want, more].concat();
+                        assert!(n.starts(&data), "{what}");
+                        assert!(!n.starts(&data[..want.len() - 1]), "{what}");
+                        for i in 0..want.len() {
+                            let mut bad = data.clone();
+                            bad[i] ^= 1;
+                            assert!(!n.starts(&bad), "{what} byte {i}");
+                        }
+                    }
+                }
+                line.advance();
+                reply.advance();
+            }
         }
     }
 

@@ -104,7 +104,13 @@ pub fn record(h: &mut Histogram<u64>, d: Duration) {
 
 /// Records `ns` nanoseconds into `h` (at least 1, as `record`).
 pub fn record_ns(h: &mut Histogram<u64>, ns: u64) {
-    h.saturating_record(ns.max(1));
+    record_n_ns(h, ns, 1);
+}
+
+/// Records `n` samples of `ns` nanoseconds into `h` at once (each at least
+/// 1, as `record`).
+pub fn record_n_ns(h: &mut Histogram<u64>, ns: u64, n: u64) {
+    h.saturating_record_n(ns.max(1), n);
 }
 
 /// Everything one worker thread measured. Plain data; `merge` adds another.
