@@ -212,3 +212,20 @@ fn startup_line_names_each_listener_and_limits_are_logged() {
         s.stderr().contains("open-file limit") && s.stderr().contains("max connections")
     });
 }
+
+#[test]
+fn sizes_above_1gib_are_refused() {
+    for (flag, value) in [("--max-line", "2GiB"), ("--max-pending-output", "1025MiB")] {
+        refused(
+            &mut echoloop_cmd(&["--listen", "127.0.0.1:0", flag, value]),
+            &[flag, value, "at most 1GiB"],
+        );
+    }
+}
+
+#[test]
+fn a_size_of_1gib_is_accepted() {
+    let server = Server::start(&["--max-line", "1GiB", "--max-pending-output", "1GiB"]);
+    let mut c = server.connect();
+    exchange(&mut c, b"big enough\n", &said(b"big enough"));
+}
