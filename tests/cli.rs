@@ -6,8 +6,8 @@
 mod common;
 
 use common::*;
-use std::process::{Command, Output};
-use std::time::Duration;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 fn echoloop(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_echoloop"))
@@ -68,9 +68,10 @@ fn a_bad_value_exits_2_naming_it() {
 }
 
 /// Runs `cmd`, expecting exit status 2 and a message containing every one
-/// of `wanted`; returns the message.
+/// of `wanted`; returns the message. A command that starts serving instead
+/// is killed after a few seconds (and fails the test).
 fn refused(cmd: &mut Command, wanted: &[&str]) -> String {
-    let out = cmd.output().expect("run echoloop");
+    let out = output_within(cmd, Duration::from_secs(5));
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(2), "{err}");
     for w in wanted {
@@ -82,6 +83,20 @@ fn refused(cmd: &mut Command, wanted: &[&str]) -> String {
         "printed a startup line although refused"
     );
     err
+}
+
+/// Runs `cmd` to its end, killing it if it runs longer than `within`.
+fn output_within(cmd: &mut Command, within: Duration) -> Output {
+    let mut child = (cmd.stdin(Stdio::null()).stdout(Stdio::piped()))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run echoloop");
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() && start.elapsed() < within {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait_with_output().unwrap()
 }
 
 fn echoloop_cmd(args: &[&str]) -> Command {
@@ -211,4 +226,21 @@ fn startup_line_names_each_listener_and_limits_are_logged() {
     server.wait_until(Duration::from_secs(5), "limits in the log", |s| {
         s.stderr().contains("open-file limit") && s.stderr().contains("max connections")
     });
+}
+
+#[test]
+fn sizes_above_1gib_are_refused() {
+    for (flag, value) in [("--max-line", "2GiB"), ("--max-pending-output", "1025MiB")] {
+        refused(
+            &mut echoloop_cmd(&["--listen", "127.0.0.1:0", flag, value]),
+            &[flag, value, "at most 1GiB"],
+        );
+    }
+}
+
+#[test]
+fn a_size_of_1gib_is_accepted() {
+    let server = Server::start(&["--max-line", "1GiB", "--max-pending-output", "1GiB"]);
+    let mut c = server.connect();
+    exchange(&mut c, b"big enough\n", &said(b"big enough"));
 }

@@ -1,9 +1,15 @@
 //! Live upgrade (SIGUSR2), black-box: the serving process hands every
 //! listener and every connection, with its whole state, to a new process
 //! started from the binary's path, and the clients notice nothing but a
-//! short pause. Also what happens when the new binary is missing, exits,
-//! or never becomes ready, signals during an upgrade, and a new process
-//! that refuses an offer in a format it does not know.
+//! short pause, which does not include the new binary's start-up. Also
+//! what happens when the new binary is missing, exits, or never becomes
+//! ready, signals before and after the commit, a new process that dies
+//! after the commit, and a new process that refuses an offer in a format
+//! it does not know.
+//!
+//! The moment between the commit and the new process's `S` is held open
+//! by a `NOTIFY_SOCKET` whose queue is full: the new process blocks
+//! sending `MAINPID=` there, before its `S`, until the test reads.
 //!
 //! Each server runs from its own copy of the binary (see
 //! [`common::Upgradable`]): a test breaks an upgrade by replacing that
@@ -15,8 +21,8 @@ mod common;
 use common::*;
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,6 +33,14 @@ use std::time::{Duration, Instant};
 const EXITS_AT_ONCE: &[u8] = b"#!/bin/sh\nexit 1\n";
 /// A stand-in for the new binary that runs but never takes anything over.
 const NEVER_READY: &[u8] = b"#!/bin/sh\nexec sleep 60\n";
+/// A stand-in for the new binary that takes the offer (reads its 16 bytes,
+/// answers `A`), then reads nothing more and never answers.
+/// (bash: dash takes only one-digit descriptors in a redirection.)
+const TAKES_THE_OFFER_THEN_HANGS: &[u8] = b"#!/usr/bin/env bash
+head -c 16 <&$ECHOLOOP_UPGRADE_FD >/dev/null
+printf A >&$ECHOLOOP_UPGRADE_FD
+exec sleep 60
+";
 
 /// How long a log line may take to show up after what it reports.
 const LOG_DELAY: Duration = Duration::from_secs(10);
@@ -598,8 +612,10 @@ fn sigusr2_during_an_upgrade_is_logged_and_ignored() {
 }
 
 #[test]
-fn sigterm_while_the_new_binary_is_not_ready_ends_in_a_graceful_shutdown() {
-    let mut up = Upgradable::start(&["--upgrade-timeout", "2s"]);
+fn sigterm_while_the_new_binary_is_not_ready_abandons_the_upgrade_at_once() {
+    // A timeout far beyond what the test waits: the stop does not wait
+    // for it, it kills the new process and shuts down gracefully at once.
+    let mut up = Upgradable::start(&["--upgrade-timeout", "10s"]);
     let mut c = open_client(&up, "before");
     up.replace_exe(NEVER_READY);
     let pid = up.serving();
@@ -609,19 +625,112 @@ fn sigterm_while_the_new_binary_is_not_ready_ends_in_a_graceful_shutdown() {
     });
     let child = children_of(pid)[0];
     c.write_all(b"one\ntwo\n").unwrap();
+    let signalled = Instant::now();
     signal_pid(pid, libc::SIGTERM);
     let mut expected = said(b"one");
     expected.extend_from_slice(&said(b"two"));
     assert_eq!(up.read_to_eof(&mut c), expected);
-    assert_eq!(
-        up.wait_exit(Duration::from_secs(15)),
-        Some(0),
-        "{}",
-        up.stderr()
+    let took = exits_with(&mut up, Some(0), signalled);
+    let log = up.stderr();
+    assert!(
+        took < Duration::from_secs(3),
+        "exited {took:?} after the SIGTERM: it waited for the upgrade\n{log}"
+    );
+    let abandoning = abandoning_line();
+    let order: Vec<&str> = messages(&log)
+        .filter(|m| *m == abandoning || m.starts_with("upgrade failed: "))
+        .collect();
+    assert_eq!(order.len(), 2, "{log}");
+    assert_eq!(order[0], abandoning, "{log}");
+    assert!(
+        order[1].contains("a stop signal came") && order[1].ends_with("; still serving"),
+        "{log}"
     );
     assert!(!alive(child), "the never-ready child outlived the server");
     assert_eq!(up.pid_file_pid(), None, "the pid file outlived the server");
-    assert!(handovers(&up.stderr()).is_empty(), "{}", up.stderr());
+    assert!(handovers(&log).is_empty(), "{log}");
+}
+
+#[test]
+fn a_second_sigterm_during_an_uncommitted_upgrade_exits_1_and_kills_the_new_process() {
+    let mut up = Upgradable::start(&["--upgrade-timeout", "10s", "--max-line", "2MiB"]);
+    // An unfinished line larger than a socket buffer: the new process below
+    // takes the offer but reads none of the hand-over, so the old one is
+    // held writing it, frozen and uncommitted, until the timeout.
+    let mut c = up.server.connect();
+    c.write_all(&vec![b'x'; 1 << 20]).unwrap();
+    wait_read_by_server(&up.server, &c);
+    up.replace_exe(TAKES_THE_OFFER_THEN_HANGS);
+    let pid = up.serving();
+    signal_pid(pid, libc::SIGUSR2);
+    up.wait_until(LOG_DELAY, "the old process to write the hand-over", |_| {
+        upgrade_thread_sending(pid)
+    });
+    let child = children_of(pid)[0];
+    signal_pid(pid, libc::SIGTERM);
+    let abandoning = abandoning_line();
+    up.wait_until(LOG_DELAY, "the first signal's line", |u| {
+        messages(&u.stderr()).any(|m| m == abandoning)
+    });
+    assert!(alive(child), "the first signal ended the upgrade already");
+    let signalled = Instant::now();
+    signal_pid(pid, libc::SIGTERM);
+    let took = exits_with(&mut up, Some(1), signalled);
+    let log = up.stderr();
+    assert!(
+        took < Duration::from_secs(2),
+        "exited after {took:?}\n{log}"
+    );
+    let second = format!("second signal ({}): exiting now", libc::SIGTERM);
+    assert!(messages(&log).any(|m| m == second), "{log}");
+    up.wait_until(
+        Duration::from_secs(5),
+        "the new process to be killed",
+        |_| !alive(child),
+    );
+    assert!(handovers(&log).is_empty(), "{log}");
+}
+
+/// What the old process logs for a SIGTERM during an uncommitted upgrade.
+fn abandoning_line() -> String {
+    format!(
+        "signal {}: abandoning the upgrade, then a graceful shutdown",
+        libc::SIGTERM
+    )
+}
+
+/// Waits for the process we started to exit, expecting `status`; how long
+/// after `since` it exited.
+fn exits_with(up: &mut Upgradable, status: Option<i32>, since: Instant) -> Duration {
+    assert_eq!(
+        up.wait_exit(Duration::from_secs(15)),
+        status,
+        "{}",
+        up.stderr()
+    );
+    since.elapsed()
+}
+
+/// Whether a thread named `upgrade` of `pid` is blocked in a send.
+fn upgrade_thread_sending(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        comm.trim_end() == "upgrade" && in_send(&t.path().join("syscall"))
+    })
+}
+
+/// Whether the task whose `/proc/.../syscall` file is `path` is in
+/// write(2), sendto(2) or sendmsg(2).
+fn in_send(path: &Path) -> bool {
+    let sends = [libc::SYS_write, libc::SYS_sendto, libc::SYS_sendmsg].map(|nr| nr.to_string());
+    std::fs::read_to_string(path).is_ok_and(|s| {
+        s.split_whitespace()
+            .next()
+            .is_some_and(|nr| sends.iter().any(|s| s == nr))
+    })
 }
 
 #[test]
@@ -651,6 +760,295 @@ fn sigterm_right_after_sigusr2_ends_in_a_graceful_shutdown_of_whoever_serves() {
             .wait_until(LOG_DELAY, "the new process to exit", |_| !alive(to));
     }
     assert!(TcpStream::connect(addr).is_err(), "still accepting");
+}
+
+// ----- between the commit and `S` -------------------------------------------
+
+/// A `NOTIFY_SOCKET` whose receive queue a test fills, so that the next
+/// process to notify blocks in its send (sd_notify's datagram socket is
+/// blocking) until the test reads.
+struct NotifySocket {
+    sock: UnixDatagram,
+    path: PathBuf,
+    /// The sockets that filled the queue (their datagrams are charged to
+    /// them until read).
+    fillers: Vec<UnixDatagram>,
+    _dir: tempfile::TempDir,
+}
+
+/// What the test's own datagrams say.
+const FILLER: &str = "FILLER=1";
+
+impl NotifySocket {
+    fn bind() -> NotifySocket {
+        let dir = tempfile::Builder::new()
+            .prefix("echoloop-notify-")
+            .tempdir()
+            .expect("create temp dir");
+        let path = dir.path().join("notify");
+        let sock = UnixDatagram::bind(&path).expect("bind NOTIFY_SOCKET");
+        sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        NotifySocket {
+            sock,
+            path,
+            fillers: Vec::new(),
+            _dir: dir,
+        }
+    }
+
+    /// Fills the receive queue up to `net.unix.max_dgram_qlen`, then reads
+    /// `room` datagrams back: the next `room` datagrams are taken, the one
+    /// after them blocks its sender. Filled from as many sockets as it
+    /// takes, until a fresh one cannot send: then the queue is full, not
+    /// merely a sender's buffer.
+    fn fill_leaving(&mut self, room: usize) {
+        let mut queued = 0;
+        loop {
+            let filler = UnixDatagram::unbound().unwrap();
+            filler.connect(&self.path).unwrap();
+            filler.set_nonblocking(true).unwrap();
+            let mut sent = 0;
+            loop {
+                match filler.send(FILLER.as_bytes()) {
+                    Ok(_) => sent += 1,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("filling NOTIFY_SOCKET: {e}"),
+                }
+            }
+            self.fillers.push(filler);
+            queued += sent;
+            if sent == 0 {
+                break;
+            }
+            assert!(self.fillers.len() < 1000, "the queue never filled");
+        }
+        assert!(queued > room, "only {queued} datagrams fill the queue");
+        for _ in 0..room {
+            assert_eq!(self.recv(), FILLER);
+        }
+    }
+
+    /// The next datagram.
+    fn recv(&self) -> String {
+        let mut buf = [0u8; 4096];
+        let n = (self.sock.recv(&mut buf)).unwrap_or_else(|e| panic!("recv NOTIFY_SOCKET: {e}"));
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    /// Reads until a datagram holds the line `want`; every datagram read
+    /// that is not the test's own.
+    fn recv_until(&self, want: &str) -> Vec<String> {
+        let mut seen = Vec::new();
+        loop {
+            let d = self.recv();
+            if d == FILLER {
+                continue;
+            }
+            let done = d.lines().any(|l| l == want);
+            seen.push(d);
+            if done {
+                return seen;
+            }
+        }
+    }
+}
+
+/// An upgrade held between the commit and `S`: the new process has the
+/// commit and serves (it wrote the pid file), but it is blocked telling
+/// `NOTIFY_SOCKET` its `MAINPID=`, which it does before it sends `S`; the
+/// old one waits for that `S`.
+struct HeldAfterCommit {
+    up: Upgradable,
+    notify: NotifySocket,
+    old: u32,
+    new: u32,
+    /// A client connected before the upgrade.
+    client: TcpStream,
+}
+
+fn upgrade_held_after_commit() -> HeldAfterCommit {
+    let mut notify = NotifySocket::bind();
+    let up = Upgradable::start_with(
+        |cmd| {
+            cmd.env("NOTIFY_SOCKET", &notify.path);
+        },
+        &["--listen", "127.0.0.1:0"],
+        1,
+    );
+    notify.recv_until("READY=1");
+    let mut client = open_client(&up, "before");
+    let old = up.serving();
+    // Room for the old process's `RELOADING=1` only.
+    notify.fill_leaving(1);
+    signal_pid(old, libc::SIGUSR2);
+    up.wait_until(LOG_DELAY, "the new process to write the pid file", |u| {
+        u.pid_file_pid().is_some_and(|p| p != old)
+    });
+    let new = up.serving();
+    up.wait_until(LOG_DELAY, "the new process blocked notifying", |_| {
+        in_send(Path::new(&format!("/proc/{new}/syscall")))
+    });
+    let log = up.stderr();
+    assert!(alive(old), "the old process did not wait for `S`:\n{log}");
+    assert!(handovers(&log).is_empty(), "`S` came already:\n{log}");
+    // The new process serves meanwhile.
+    exchange(&mut client, b"meanwhile\n", &said(b"meanwhile"));
+    HeldAfterCommit {
+        up,
+        notify,
+        old,
+        new,
+        client,
+    }
+}
+
+#[test]
+fn sigterm_to_the_old_process_after_the_commit_is_passed_on_to_the_new_one() {
+    let HeldAfterCommit {
+        mut up,
+        notify,
+        old,
+        new,
+        mut client,
+    } = upgrade_held_after_commit();
+    signal_pid(old, libc::SIGTERM);
+    let passed_on = format!(
+        "signal {}: passed on to pid {new}, which serves now",
+        libc::SIGTERM
+    );
+    up.wait_until(LOG_DELAY, "the signal passed on", |u| {
+        messages(&u.stderr()).any(|m| m == passed_on)
+    });
+    assert!(alive(old), "the old process did not wait for `S`");
+    // Let the new process notify: it sends `S`, then acts on the signal.
+    let seen = notify.recv_until("STOPPING=1");
+    let main_pid = format!("MAINPID={new}\nREADY=1\n");
+    assert!(
+        seen.ends_with(&[main_pid, "STOPPING=1\n".into()]),
+        "the old process's RELOADING=1, then the new one's: {seen:?}"
+    );
+    assert_eq!(up.read_to_eof(&mut client), b"", "a graceful close");
+    assert_eq!(
+        up.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        up.stderr()
+    );
+    up.wait_until(LOG_DELAY, "the new process to exit", |_| !alive(new));
+    assert_eq!(up.pid_file_pid(), None, "the pid file outlived the server");
+    let log = up.stderr();
+    assert_eq!(handovers(&log), [(1, 1, new)], "{log}");
+    assert!(!log.contains("second signal"), "{log}");
+}
+
+#[test]
+fn a_new_process_that_dies_after_the_commit_makes_the_old_one_exit_1() {
+    // The socket stays full (closing it would unblock the new process).
+    let HeldAfterCommit {
+        mut up,
+        notify: _full,
+        new,
+        mut client,
+        ..
+    } = upgrade_held_after_commit();
+    signal_pid(new, libc::SIGKILL);
+    assert_eq!(
+        up.wait_exit(Duration::from_secs(10)),
+        Some(1),
+        "{}",
+        up.stderr()
+    );
+    let log = up.stderr();
+    let lost = log.lines().find(|l| {
+        l.contains(" ERROR ")
+            && l.contains(&format!("upgrade: pid {new} ended after it took over ("))
+            && l.ends_with("): nobody serves the connections now")
+    });
+    assert!(lost.is_some(), "{log}");
+    // Nobody serves: the connection ended with the process that held it,
+    // and nothing listens.
+    wait_closed(&mut client);
+    assert!(
+        TcpStream::connect(up.server.addr()).is_err(),
+        "still accepting"
+    );
+    // The new process wrote the pid file before it died: not the old
+    // one's to remove.
+    assert_eq!(up.pid_file_pid(), Some(new), "{log}");
+}
+
+// ----- the freeze -------------------------------------------------------------
+
+/// `D` of the last `upgrade: the loops were frozen for D` line (`Duration`'s
+/// `Debug`: `850µs`, `12.5ms`, `1.2s`).
+fn last_frozen(log: &str) -> Duration {
+    let text = messages(log)
+        .filter_map(|m| m.strip_prefix("upgrade: the loops were frozen for "))
+        .last()
+        .unwrap_or_else(|| panic!("no frozen line:\n{log}"));
+    let (number, unit) = text.split_at(text.find(|c: char| c.is_alphabetic()).unwrap());
+    let scale = match unit {
+        "ns" => 1e-9,
+        "µs" => 1e-6,
+        "ms" => 1e-3,
+        "s" => 1.0,
+        _ => panic!("frozen for {text:?}"),
+    };
+    Duration::from_secs_f64(number.parse::<f64>().unwrap() * scale)
+}
+
+#[test]
+fn the_loops_do_not_freeze_while_the_new_binary_starts_up() {
+    const START_UP: Duration = Duration::from_secs(2);
+    let mut up = Upgradable::start(&[]);
+    // A new binary that takes 2 s to start, as a cold one on a busy disk.
+    let real = up.install_beside(
+        "echoloop.real",
+        &std::fs::read(env!("CARGO_BIN_EXE_echoloop")).unwrap(),
+    );
+    let wrapper = format!(
+        "#!/bin/sh\nsleep {}\nexec '{}' \"$@\"\n",
+        START_UP.as_secs(),
+        real.display()
+    );
+    up.replace_exe(wrapper.as_bytes());
+    // A client exchanging lines throughout; its longest wait for a reply.
+    let mut c = open_client(&up, "before");
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let (mut longest, mut lines) = (Duration::ZERO, 0u32);
+            while !stop.load(Ordering::Relaxed) {
+                let sent = Instant::now();
+                exchange(&mut c, b"ping\n", &said(b"ping"));
+                longest = longest.max(sent.elapsed());
+                lines += 1;
+                thread::sleep(Duration::from_millis(5));
+            }
+            (longest, lines)
+        }
+    });
+    let signalled = Instant::now();
+    let h = up.upgrade();
+    let took = signalled.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let (longest, lines) = client.join().unwrap();
+    let frozen = last_frozen(&up.stderr());
+    eprintln!(
+        "upgrade took {took:?}, frozen for {frozen:?}, {lines} lines, longest wait {longest:?}"
+    );
+    assert_eq!(h.connections, 1, "{h:?}");
+    assert!(
+        took >= START_UP,
+        "the slow start was not waited for: {took:?}"
+    );
+    assert!(frozen < Duration::from_millis(500), "frozen for {frozen:?}");
+    assert!(
+        longest < Duration::from_secs(1),
+        "a client waited {longest:?} for a reply"
+    );
+    assert!(lines > 50, "only {lines} lines during the upgrade");
 }
 
 // ----- several loops, PROXY -----------------------------------------------------

@@ -483,6 +483,15 @@ impl Upgradable {
         std::fs::remove_file(&self.exe).expect("remove the binary");
     }
 
+    /// Installs `contents`, executable, as `name` in this server's
+    /// directory (so that the guards know a process running it for ours);
+    /// its path.
+    pub fn install_beside(&self, name: &str, contents: &[u8]) -> std::path::PathBuf {
+        let path = self.dir.path().join(name);
+        install_executable(&path, contents);
+        path
+    }
+
     /// Whether `pid` is running a binary from this server's directory (our
     /// copy, or the copy an upgrade replaced).
     fn runs_our_binary(&self, pid: u32) -> bool {
