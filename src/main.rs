@@ -441,6 +441,8 @@ impl Serving {
             }
             self.take_reports();
             for signal in signals.pending() {
+                // A commit reported since the wake decides who a stop is for.
+                self.take_reports();
                 if signal == SIGUSR2 {
                     self.start_upgrade();
                 } else if let Some(pid) = self.successor {

@@ -144,6 +144,12 @@ pub fn hand_over(
         }
         Err(e) => Some(format!("pid {pid} ended after it took over ({e})")),
     };
+    if !stopping && stop.load(Ordering::SeqCst) {
+        // A stop that came after `C` was written but before the main
+        // thread heard of the commit: it is the new process's to carry out.
+        // SAFETY: kill(2) on the pid of our own child.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    }
     Ok(Done {
         pid,
         listeners: sent.0,
@@ -210,11 +216,8 @@ fn offer_and_send(
             .filter(|d| !d.is_zero())
             .ok_or_else(|| format!("timed out {what}"))
     };
-    let _ = ours.set_write_timeout(Some(within("before the offer")?));
     let loops = u32::try_from(plan.loops.len()).expect("at most 1024 loops");
-    (&*ours)
-        .write_all(&handover::header(loops))
-        .map_err(|e| format!("offer: {e}"))?;
+    write_all(ours, &handover::header(loops), deadline, stop).map_err(|e| format!("offer: {e}"))?;
     // The new binary starts up (all it can do without the sockets) before
     // it takes the offer: the loops freeze only after that.
     read_byte(ours, b'A', deadline, stop).map_err(|e| format!("offer not taken: {e}"))?;
@@ -232,14 +235,14 @@ fn offer_and_send(
     };
     let bytes = handover::encode(&h);
     drop(h);
-    let _ = ours.set_write_timeout(Some(within("sending")?));
-    let mut w = ours;
-    w.write_all(&(bytes.len() as u64).to_le_bytes())
-        .and_then(|()| w.write_all(&bytes))
+    write_all(ours, &(bytes.len() as u64).to_le_bytes(), deadline, stop)
+        .and_then(|()| write_all(ours, &bytes, deadline, stop))
         .map_err(|e| format!("sending the hand-over: {e}"))?;
     for batch in fds.chunks(BATCH) {
-        ours.send_with_fd(&[batch.len() as u8], batch)
-            .map_err(|e| format!("sending descriptors: {e}"))?;
+        retry(ours, deadline, stop, |s| {
+            s.send_with_fd(&[batch.len() as u8], batch)
+        })
+        .map_err(|e| format!("sending descriptors: {e}"))?;
     }
     debug!(
         "upgrade: sent {} bytes and {} descriptors",
@@ -304,9 +307,15 @@ impl std::fmt::Display for Wait {
 /// How often a wait looks at the stop flag.
 const STOP_CHECK: Duration = Duration::from_millis(50);
 
-/// Reads one byte and checks it, until `until`, giving up early if `stop`
-/// is set.
-fn read_byte(stream: &UnixStream, want: u8, until: Instant, stop: &AtomicBool) -> Result<(), Wait> {
+/// Runs `op` (one read, write or send on the channel) until it does not
+/// time out, in slices of [`STOP_CHECK`] up to `until`, giving up early if
+/// `stop` is set: no wait on the new process can outlast either.
+fn retry<T>(
+    stream: &UnixStream,
+    until: Instant,
+    stop: &AtomicBool,
+    mut op: impl FnMut(&UnixStream) -> io::Result<T>,
+) -> Result<T, Wait> {
     loop {
         if stop.load(Ordering::SeqCst) {
             return Err(Wait::Stopped);
@@ -315,12 +324,11 @@ fn read_byte(stream: &UnixStream, want: u8, until: Instant, stop: &AtomicBool) -
         if left.is_zero() {
             return Err(Wait::TimedOut);
         }
-        let _ = stream.set_read_timeout(Some(left.min(STOP_CHECK)));
-        let mut b = [0u8];
-        match (&*stream).read(&mut b) {
-            Ok(0) => return Err(Wait::Closed),
-            Ok(_) if b[0] == want => return Ok(()),
-            Ok(_) => return Err(Wait::Failed(format!("unexpected byte {:#04x}", b[0]))),
+        let slice = Some(left.min(STOP_CHECK));
+        let _ = stream.set_read_timeout(slice);
+        let _ = stream.set_write_timeout(slice);
+        match op(stream) {
+            Ok(t) => return Ok(t),
             Err(e)
                 if matches!(
                     e.kind(),
@@ -328,9 +336,36 @@ fn read_byte(stream: &UnixStream, want: u8, until: Instant, stop: &AtomicBool) -
                         | io::ErrorKind::TimedOut
                         | io::ErrorKind::Interrupted
                 ) => {}
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Err(Wait::Closed),
             Err(e) => return Err(Wait::Failed(e.to_string())),
         }
     }
+}
+
+/// Reads one byte and checks it (see [`retry`]).
+fn read_byte(stream: &UnixStream, want: u8, until: Instant, stop: &AtomicBool) -> Result<(), Wait> {
+    let mut b = [0u8];
+    match retry(stream, until, stop, |mut s| s.read(&mut b))? {
+        0 => Err(Wait::Closed),
+        _ if b[0] == want => Ok(()),
+        _ => Err(Wait::Failed(format!("unexpected byte {:#04x}", b[0]))),
+    }
+}
+
+/// Writes all of `bytes` (see [`retry`]).
+fn write_all(
+    stream: &UnixStream,
+    mut bytes: &[u8],
+    until: Instant,
+    stop: &AtomicBool,
+) -> Result<(), Wait> {
+    while !bytes.is_empty() {
+        match retry(stream, until, stop, |mut s| s.write(bytes))? {
+            0 => return Err(Wait::Closed),
+            n => bytes = &bytes[n..],
+        }
+    }
+    Ok(())
 }
 
 /// A frozen loop as the hand-over format describes it (its connections'
