@@ -9,14 +9,19 @@
 //! the old one answers *commit*, the new one reads and writes no socket,
 //! so there is never a moment when both serve or neither can; until then
 //! any failure (cannot start, exits, refuses the format, not ready within
-//! `--upgrade-timeout`) kills the new process and unfreezes the old loops,
-//! which lost nothing because they touched nothing.
+//! `--upgrade-timeout`, a stop signal) unfreezes the old loops, which lost
+//! nothing because they touched nothing, and kills the new process. Every
+//! wait on the new process is cut into [`STOP_CHECK`] slices, so none
+//! outlasts the timeout or a stop signal by more than one.
 //!
 //! The conversation (`old → new`, then back):
 //!
 //! 1. `→` the offer: [`handover::header`] (magic, format version, loops).
-//!    `←` `A` if the new binary reads that version; otherwise it exits
-//!    with an error naming both versions, before anything is handed over.
+//!    The new binary reads it first thing; if it does not read that
+//!    version it exits with an error naming both, before anything is
+//!    handed over. Otherwise it starts up as far as it can without the
+//!    sockets (command line, logging, limits, signals, its poll), then
+//!    `←` `A`: its start-up is not part of the pause.
 //! 2. The old process freezes every loop ([`LoopHandle::freeze`]) between
 //!    two of its turns.
 //! 3. `→` the hand-over's length (`u64`) and bytes ([`handover::encode`]),
@@ -28,8 +33,9 @@
 //!    meanwhile (the new one then shuts down gracefully at once). From
 //!    here the new process serves; the old loops close their copies of the
 //!    descriptors (which ends no connection) and return.
-//! 6. `←` `S` once the new process has told systemd its `MAINPID` and
-//!    written the pid file; then the old process exits.
+//! 6. `←` `S` once the new process has written the pid file and told
+//!    systemd its `MAINPID`; then the old process exits (with status 1 if
+//!    the channel closed instead: the new process died, nobody serves).
 //!
 //! Descriptors arrive without close-on-exec (`SCM_RIGHTS` does not carry
 //! it; `O_NONBLOCK` is shared, it belongs to the socket): each is made
