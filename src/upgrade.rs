@@ -11,7 +11,7 @@
 //! any failure (cannot start, exits, refuses the format, not ready within
 //! `--upgrade-timeout`, a stop signal) unfreezes the old loops, which lost
 //! nothing because they touched nothing, and kills the new process. Every
-//! wait on the new process is cut into [`STOP_CHECK`] slices, so none
+//! wait on the new process is cut into 50 ms slices (`STOP_CHECK`), so none
 //! outlasts the timeout or a stop signal by more than one.
 //!
 //! The conversation (`old → new`, then back):
